@@ -1,0 +1,407 @@
+"""Asana through httpx: a won deal becomes a project (from a project template or plain, with
+sections and milestones), stamped with the deal in a text custom field so it can be found.
+
+Asana has no project search by custom field, so `find_project` scans the team's projects
+once per connector instance (paged, 100 at a time) and indexes them by stamp; it runs only
+when adopting (a pending claim, or a lost state store), never on the normal create path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.base import DealStamp, ProjectRef, ProjectSpec, ProjectTool
+from connectors.errors import ConnectorError, ErrorKind
+from connectors.http import JsonApi, RateBudget, RetryPolicy, parse_retry_after
+
+PAGE = 100  # Asana's maximum `limit`
+
+
+class AsanaAuth(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(description="personal access token or OAuth access token")
+
+
+class AsanaSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["asana"]
+    base_url: str = "https://app.asana.com/api/1.0"
+    auth: AsanaAuth
+    workspace: str = Field(description="workspace name or gid")
+    team: str = Field(description="team (name or gid) that owns created projects")
+    stamp_field: str = Field("Handoff deal", description="text custom field holding the stamp")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    # https://developers.asana.com/docs/rate-limits: 150/min free, 1,500/min paid.
+    requests_per_minute: int = Field(1500, ge=1)
+    job_poll_seconds: float = Field(0.2, gt=0, description="interval when polling a job")
+    job_timeout_seconds: float = Field(120, gt=0)
+
+
+class AsanaHttp:
+    """Asana's error bodies and rate-limit signals."""
+
+    def __init__(self, system: str) -> None:
+        self.system = system
+
+    def error_message(self, response: httpx.Response) -> str:
+        try:
+            errors = response.json().get("errors") or []
+            return "; ".join(str(e.get("message", "")) for e in errors) or response.reason_phrase
+        except ValueError:
+            return response.reason_phrase
+
+    def retry_after(self, response: httpx.Response) -> float | None:
+        return parse_retry_after(response.headers.get("Retry-After"))
+
+    def observe(self, response: httpx.Response, budget: RateBudget) -> None:
+        return None  # Asana sends no remaining-quota headers; only Retry-After on 429
+
+
+class AsanaProjects(ProjectTool):
+    kind = "asana"
+
+    def __init__(
+        self, name: str, settings: AsanaSettings, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.settings = settings
+        self.calls = Counter()
+        client = httpx.Client(
+            base_url=settings.base_url.rstrip("/"),
+            headers={
+                "Authorization": f"Bearer {settings.auth.token}",
+                "Accept": "application/json",
+            },
+            timeout=settings.retry.timeout,
+            transport=transport,
+        )
+        self.api = JsonApi(
+            AsanaHttp(name),
+            client,
+            settings.retry,
+            RateBudget([(settings.requests_per_minute, 60.0)]),
+            self.calls,
+        )
+        self._workspace: str | None = None
+        self._team: str | None = None
+        self._templates: dict[str, str] | None = None
+        self._fields: dict[str, dict[str, Any]] | None = None
+        self._stamp_index: dict[str, ProjectRef] | None = None
+
+    def close(self) -> None:
+        self.api.client.close()
+
+    # -- lookups (cached per instance) -------------------------------------------------------
+    def _get(self, path: str, route: str, **params: Any) -> Any:
+        return self.api.request("GET", path, route=route, params=params)["data"]
+
+    def _pages(self, path: str, route: str, **params: Any) -> Iterator[dict[str, Any]]:
+        params = {"limit": PAGE, **params}
+        while True:
+            body = self.api.request("GET", path, route=route, params=params)
+            yield from body["data"]
+            nxt = body.get("next_page")
+            if not nxt or not nxt.get("offset"):
+                return
+            params = {**params, "offset": nxt["offset"]}
+
+    def _resolve(self, items: Iterator[dict[str, Any]], wanted: str, what: str) -> str:
+        for item in items:
+            if wanted in (item["gid"], item.get("name")):
+                return item["gid"]
+        raise ConnectorError(
+            self.name, ErrorKind.AUTH, f"{what} '{wanted}' not found or not visible to this token"
+        )
+
+    @property
+    def workspace_gid(self) -> str:
+        if self._workspace is None:
+            self._workspace = self._resolve(
+                self._pages("/workspaces", "GET /workspaces"), self.settings.workspace, "workspace"
+            )
+        return self._workspace
+
+    @property
+    def team_gid(self) -> str:
+        if self._team is None:
+            self._team = self._resolve(
+                self._pages(
+                    f"/workspaces/{self.workspace_gid}/teams", "GET /workspaces/{gid}/teams"
+                ),
+                self.settings.team,
+                "team",
+            )
+        return self._team
+
+    def _template_gid(self, wanted: str) -> str:
+        if self._templates is None:
+            # https://developers.asana.com/reference/getprojecttemplates
+            self._templates = {
+                t["name"]: t["gid"]
+                for t in self._pages(
+                    "/project_templates", "GET /project_templates", team=self.team_gid
+                )
+            }
+        if wanted in self._templates.values():
+            return wanted
+        if wanted not in self._templates:
+            known = ", ".join(sorted(self._templates)) or "none"
+            raise ConnectorError(
+                self.name,
+                ErrorKind.RECORD,
+                f"project template '{wanted}' not found in the team (templates: {known})",
+            )
+        return self._templates[wanted]
+
+    def custom_fields(self) -> dict[str, dict[str, Any]]:
+        """Workspace custom fields by name (gid, type, enum options)."""
+        if self._fields is None:
+            # https://developers.asana.com/reference/getcustomfieldsforworkspace
+            self._fields = {
+                f["name"]: f
+                for f in self._pages(
+                    f"/workspaces/{self.workspace_gid}/custom_fields",
+                    "GET /workspaces/{gid}/custom_fields",
+                    opt_fields="name,resource_subtype,enum_options.name,enum_options.gid",
+                )
+            }
+        return self._fields
+
+    def _field(self, name: str) -> dict[str, Any]:
+        fields = self.custom_fields()
+        if name not in fields:
+            raise ConnectorError(
+                self.name,
+                ErrorKind.RECORD,
+                f"custom field '{name}' does not exist in the workspace; create it in Asana "
+                f"(or fix its name in the mapping)",
+            )
+        return fields[name]
+
+    def _custom_values(self, values: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            f = self._field(name)
+            kind = f.get("resource_subtype")
+            if kind == "enum":
+                options = {o["name"]: o["gid"] for o in f.get("enum_options") or []}
+                if str(value) not in options:
+                    raise ConnectorError(
+                        self.name,
+                        ErrorKind.RECORD,
+                        f"'{value}' is not an option of custom field '{name}' "
+                        f"(options: {', '.join(options)})",
+                    )
+                out[f["gid"]] = options[str(value)]
+            elif kind == "date":
+                out[f["gid"]] = {"date": _iso_date(value)}
+            else:
+                out[f["gid"]] = value
+        return out
+
+    # -- create ---------------------------------------------------------------------------------
+    def create_project(self, spec: ProjectSpec, stamp: DealStamp) -> ProjectRef:
+        stamp_field = self._field(self.settings.stamp_field)
+        if spec.template:
+            gid = self._instantiate(spec)
+        else:
+            # https://developers.asana.com/reference/createproject
+            body = {
+                "name": spec.name,
+                "team": self.team_gid,
+                "workspace": self.workspace_gid,
+                **_project_fields(spec.fields),
+            }
+            gid = self.api.request(
+                "POST", "/projects", route="POST /projects", json={"data": body}
+            )["data"]["gid"]
+        # The stamp first: from here on the project can be found and adopted.
+        wanted = {stamp_field["gid"]} | {self._field(n)["gid"] for n in spec.custom_fields}
+        self._add_field_settings(gid, wanted)
+        update = {
+            **(_project_fields(spec.fields) if spec.template else {}),
+            "custom_fields": {
+                stamp_field["gid"]: stamp.marker,
+                **self._custom_values(spec.custom_fields),
+            },
+        }
+        data = self.api.request(
+            "PUT",
+            f"/projects/{gid}",
+            route="PUT /projects/{gid}",
+            json={"data": update},
+            params={"opt_fields": "name,permalink_url"},
+        )["data"]
+        if not spec.template:
+            self._add_structure(gid, spec)
+        ref = ProjectRef(gid, data.get("name", spec.name), data.get("permalink_url"))
+        if self._stamp_index is not None:
+            self._stamp_index[stamp.marker] = ref
+        return ref
+
+    def _instantiate(self, spec: ProjectSpec) -> str:
+        template = self._template_gid(spec.template or "")
+        # https://developers.asana.com/reference/instantiateproject - returns a job.
+        job = self.api.request(
+            "POST",
+            f"/project_templates/{template}/instantiateProject",
+            route="POST /project_templates/{gid}/instantiateProject",
+            json={"data": {"name": spec.name, "team": self.team_gid, "public": False}},
+        )["data"]
+        deadline = time.monotonic() + self.settings.job_timeout_seconds
+        while True:
+            if job.get("status") == "succeeded" and job.get("new_project"):
+                return job["new_project"]["gid"]
+            if job.get("status") == "failed":
+                raise ConnectorError(self.name, ErrorKind.RECORD, "template instantiation failed")
+            if time.monotonic() > deadline:
+                raise ConnectorError(
+                    self.name, ErrorKind.TRANSIENT, "template instantiation did not finish in time"
+                )
+            time.sleep(self.settings.job_poll_seconds)
+            job = self._get(f"/jobs/{job['gid']}", "GET /jobs/{gid}")
+
+    def _add_field_settings(self, project_gid: str, wanted: set[str]) -> None:
+        present = {
+            s["custom_field"]["gid"]
+            for s in self._pages(
+                f"/projects/{project_gid}/custom_field_settings",
+                "GET /projects/{gid}/custom_field_settings",
+                opt_fields="custom_field.gid",
+            )
+        }
+        for field_gid in sorted(wanted - present):
+            # https://developers.asana.com/reference/addcustomfieldsettingforproject
+            self.api.request(
+                "POST",
+                f"/projects/{project_gid}/addCustomFieldSetting",
+                route="POST /projects/{gid}/addCustomFieldSetting",
+                json={"data": {"custom_field": field_gid}},
+            )
+
+    def _add_structure(self, project_gid: str, spec: ProjectSpec) -> None:
+        sections: dict[str, str] = {}
+        wanted = list(
+            dict.fromkeys([*spec.sections, *(m.section for m in spec.milestones if m.section)])
+        )
+        for title in wanted:
+            # https://developers.asana.com/reference/createsectionforproject
+            sections[title] = self.api.request(
+                "POST",
+                f"/projects/{project_gid}/sections",
+                route="POST /projects/{gid}/sections",
+                json={"data": {"name": title}},
+            )["data"]["gid"]
+        for m in spec.milestones:
+            task: dict[str, Any] = {
+                "name": m.name,
+                "resource_subtype": "milestone",
+                "projects": [project_gid],
+            }
+            if m.due_on:
+                task["due_on"] = m.due_on.isoformat()
+            if m.section:
+                task["memberships"] = [{"project": project_gid, "section": sections[m.section]}]
+                del task["projects"]
+            # https://developers.asana.com/reference/createtask
+            self.api.request("POST", "/tasks", route="POST /tasks", json={"data": task})
+
+    # -- find / update ------------------------------------------------------------------------
+    def find_project(self, stamp: DealStamp) -> ProjectRef | None:
+        if self._stamp_index is None:
+            stamp_gid = self._field(self.settings.stamp_field)["gid"]
+            index: dict[str, ProjectRef] = {}
+            # https://developers.asana.com/reference/getprojectsforteam (archived included)
+            for p in self._pages(
+                f"/teams/{self.team_gid}/projects",
+                "GET /teams/{gid}/projects",
+                opt_fields="name,permalink_url,custom_fields.gid,custom_fields.text_value",
+            ):
+                for cf in p.get("custom_fields") or []:
+                    if cf.get("gid") == stamp_gid and cf.get("text_value"):
+                        index[cf["text_value"]] = ProjectRef(
+                            p["gid"], p.get("name", ""), p.get("permalink_url")
+                        )
+            self._stamp_index = index
+        return self._stamp_index.get(stamp.marker)
+
+    def forget_index(self) -> None:
+        self._stamp_index = None
+
+    def update_project(self, project_id: str, spec: ProjectSpec) -> None:
+        body: dict[str, Any] = _project_fields(spec.fields)
+        if spec.custom_fields:
+            body["custom_fields"] = self._custom_values(spec.custom_fields)
+        if not body:
+            return
+        # https://developers.asana.com/reference/updateproject
+        self.api.request(
+            "PUT", f"/projects/{project_id}", route="PUT /projects/{gid}", json={"data": body}
+        )
+
+    def comment_on_project(self, project_id: str, text: str) -> None:
+        # https://developers.asana.com/reference/createstatusforobject
+        self.api.request(
+            "POST",
+            "/status_updates",
+            route="POST /status_updates",
+            json={
+                "data": {
+                    "parent": project_id,
+                    "status_type": "off_track",
+                    "title": "Deal no longer won",
+                    "text": text,
+                }
+            },
+        )
+
+    def archive_project(self, project_id: str) -> None:
+        self.api.request(
+            "PUT",
+            f"/projects/{project_id}",
+            route="PUT /projects/{gid}",
+            json={"data": {"archived": True}},
+        )
+
+    def create_cost(self, spec: ProjectSpec) -> int:
+        # field settings read + one add per field + the stamping PUT
+        base = 2 + 1 + len(spec.custom_fields)
+        if spec.template:
+            return base + 2  # instantiate + at least one job poll
+        sections = len(set(spec.sections) | {m.section for m in spec.milestones if m.section})
+        return base + 1 + sections + len(spec.milestones)
+
+    def check(self) -> str:
+        me = self._get("/users/me", "GET /users/me", opt_fields="name")
+        self._field(self.settings.stamp_field)
+        return f"Asana as {me.get('name', me['gid'])}: team {self.team_gid}"
+
+
+def _iso_date(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).date().isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+PROJECT_FIELDS = frozenset(
+    {"notes", "html_notes", "due_on", "start_on", "color", "owner", "public"}
+)
+
+
+def _project_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key not in PROJECT_FIELDS:
+            continue
+        out[key] = _iso_date(value) if key in ("due_on", "start_on") else value
+    return out

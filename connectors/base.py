@@ -1,0 +1,200 @@
+"""The two interfaces the engine speaks to (a CRM, a project tool) and the records they exchange.
+
+Everything the engine knows of a vendor passes through these types; a fifth system is a new
+module implementing one of the two classes, registered in `connectors.registry`.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, ClassVar
+
+
+class DealStatus(enum.StrEnum):
+    OPEN = "open"
+    WON = "won"
+    LOST = "lost"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """A position in a change stream: the pair (modified time, record id), compared as a pair."""
+
+    modified_at: datetime
+    record_id: str
+
+    def to_text(self) -> str:
+        return f"{self.modified_at.isoformat()}|{self.record_id}"
+
+    @classmethod
+    def from_text(cls, text: str) -> Cursor:
+        when, _, rid = text.partition("|")
+        return cls(datetime.fromisoformat(when), rid)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class Deal:
+    """A CRM deal as the engine sees it: id, change time, won/lost/open, and its raw fields."""
+
+    id: str
+    modified_at: datetime
+    status: DealStatus
+    properties: dict[str, Any]
+    url: str | None = None
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.modified_at, self.id)
+
+
+@dataclass(frozen=True)
+class DealStamp:
+    """What identifies a deal's project in the project tool, so it can be found again."""
+
+    crm: str
+    deal_id: str
+
+    @property
+    def marker(self) -> str:
+        return f"handoff:{self.crm}:{self.deal_id}"
+
+
+@dataclass
+class MilestoneSpec:
+    name: str
+    due_on: date | None = None
+    section: str | None = None
+
+
+@dataclass
+class ProjectSpec:
+    """What the mapping produced for one deal: the project to create (or keep in sync)."""
+
+    name: str
+    template: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    custom_fields: dict[str, Any] = field(default_factory=dict)
+    sections: list[str] = field(default_factory=list)
+    milestones: list[MilestoneSpec] = field(default_factory=list)
+
+
+@dataclass
+class ProjectRef:
+    id: str
+    name: str
+    url: str | None = None
+
+
+@dataclass
+class Milestone:
+    """One milestone of a linked project as the project tool reports it."""
+
+    id: str
+    project_id: str
+    name: str
+    completed: bool
+    completed_at: datetime | None
+    due_on: date | None
+    modified_at: datetime
+
+
+@dataclass
+class DealUpdate:
+    deal_id: str
+    fields: dict[str, Any]
+
+
+@dataclass
+class WriteOutcome:
+    """Per-record result of a batch write: success, or the vendor's reason for refusing it."""
+
+    record_id: str
+    ok: bool
+    error: str | None = None
+
+
+class Connector(ABC):
+    """What every connection has: a kind, an API-call counter, a reachability check."""
+
+    kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    @property
+    def api_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @abstractmethod
+    def check(self) -> str:
+        """Reach the system and authenticate; return who we are (no secrets)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release HTTP connections."""
+
+
+class CRM(Connector):
+    """A source of deals."""
+
+    @abstractmethod
+    def read_changed_deals(
+        self, since: datetime | None, fields: Sequence[str], until: datetime | None = None
+    ) -> Iterator[list[Deal]]:
+        """Pages of deals modified at or after `since` (inclusive), oldest first.
+
+        Order within equal timestamps is whatever the vendor gives; each deal appears once
+        per call even across the vendor's result ceilings.
+        """
+
+    @abstractmethod
+    def get_deals(self, deal_ids: Sequence[str], fields: Sequence[str]) -> list[Deal]:
+        """The current state of these deals (batch reads where the vendor has them)."""
+
+    @abstractmethod
+    def write_deal_fields(self, updates: Sequence[DealUpdate]) -> list[WriteOutcome]:
+        """Write fields onto deals in as few calls as the vendor allows."""
+
+    @abstractmethod
+    def field_names(self) -> set[str]:
+        """Every field/property name deals have in this CRM."""
+
+    def add_timeline_entry(self, deal_id: str, text: str) -> None:
+        raise NotImplementedError(f"{self.kind} has no timeline entries yet")
+
+
+class ProjectTool(Connector):
+    """A destination for projects."""
+
+    @abstractmethod
+    def create_project(self, spec: ProjectSpec, stamp: DealStamp) -> ProjectRef:
+        """Create the project, stamped so `find_project(stamp)` finds it again."""
+
+    @abstractmethod
+    def find_project(self, stamp: DealStamp) -> ProjectRef | None:
+        """The project carrying this stamp, if one exists (archived ones included)."""
+
+    @abstractmethod
+    def update_project(self, project_id: str, spec: ProjectSpec) -> None:
+        """Apply the kept-in-sync parts of `spec` (fields/custom fields present) to the project."""
+
+    def comment_on_project(self, project_id: str, text: str) -> None:
+        raise NotImplementedError(f"{self.kind} cannot comment on projects yet")
+
+    def archive_project(self, project_id: str) -> None:
+        raise NotImplementedError(f"{self.kind} cannot archive projects yet")
+
+    def create_cost(self, spec: ProjectSpec) -> int:
+        """API calls `create_project(spec)` is expected to make (for dry-run plans)."""
+        return 1
+
+    def update_cost(self, spec: ProjectSpec) -> int:
+        return 1

@@ -1,0 +1,236 @@
+"""The shared HTTP layer: one retry policy (tenacity), one client-side rate budget
+(pyrate-limiter), and an httpx wrapper that classifies every failure.
+
+Connectors built on vendor SDKs (hubspot-api-client, simple-salesforce) use `call_with_retry`
+with their own exception translator; httpx connectors use `JsonApi`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import structlog
+import tenacity
+from pydantic import BaseModel, ConfigDict, Field
+from pyrate_limiter import Duration, InMemoryBucket, Limiter, Rate
+
+from connectors.errors import ConnectorError, ErrorKind, kind_for_status
+from connectors.secrets import redact
+
+log = structlog.get_logger("handoff.http")
+T = TypeVar("T")
+
+
+class RetryPolicy(BaseModel):
+    """How hard to retry a transient failure; configurable per connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(6, ge=1, le=50, description="tries in all, the first included")
+    initial_wait: float = Field(0.5, ge=0, description="seconds before the first retry")
+    max_wait: float = Field(30.0, ge=0, description="cap on one wait (full jitter below it)")
+    max_retry_after: float = Field(120.0, ge=0, description="cap on a vendor's Retry-After")
+    timeout: float = Field(30.0, gt=0, description="seconds for one HTTP request")
+
+
+class _WaitRetryAfter(tenacity.wait.wait_base):
+    """Full-jitter exponential backoff, unless the vendor said how long to wait."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, ConnectorError) and exc.retry_after is not None:
+            # A little jitter on top so replicas told the same Retry-After do not stampede.
+            told = min(exc.retry_after, self.policy.max_retry_after)
+            return told + random.uniform(0, min(1.0, told * 0.1 + 0.05))
+        ceiling = min(
+            self.policy.max_wait, self.policy.initial_wait * 2 ** (retry_state.attempt_number - 1)
+        )
+        return random.uniform(0, ceiling)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectorError) and exc.kind is ErrorKind.TRANSIENT
+
+
+def call_with_retry(
+    system: str,
+    policy: RetryPolicy,
+    fn: Callable[[], T],
+    translate: Callable[[Exception], ConnectorError | None],
+    *,
+    what: str = "",
+    on_auth_failure: Callable[[], bool] | None = None,
+) -> T:
+    """Run `fn`, translating its failures and retrying the transient ones.
+
+    `on_auth_failure` is tried once on a 401 (a token refresh); when it returns True the
+    call is repeated, otherwise the auth error stands. Only idempotent calls, or creates
+    guarded by the claim-and-stamp protocol, may come through here.
+    """
+    refreshed = False
+
+    def attempt() -> T:
+        nonlocal refreshed
+        try:
+            return fn()
+        except ConnectorError:
+            raise
+        except Exception as exc:  # translated below; anything untranslatable propagates
+            err = translate(exc)
+            if err is None:
+                raise
+            if (
+                err.kind is ErrorKind.AUTH
+                and err.status == 401
+                and on_auth_failure
+                and not refreshed
+            ):
+                refreshed = True
+                if on_auth_failure():
+                    return attempt()
+            raise err from None
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "http.retry",
+            system=system,
+            call=what,
+            attempt=state.attempt_number,
+            wait_s=round(state.upcoming_sleep, 3),
+            error=redact(str(exc)),
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts),
+        wait=_WaitRetryAfter(policy),
+        retry=tenacity.retry_if_exception(_is_transient),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(attempt)
+
+
+class RateBudget:
+    """Client-side rate limiting for one connection: the vendor's documented windows,
+    paused further whenever the vendor's headers say the budget is spent."""
+
+    def __init__(self, rates: list[tuple[int, float]], limiter: Limiter | None = None) -> None:
+        self.rates = rates
+        self._limiter = limiter or (
+            Limiter(InMemoryBucket([Rate(n, int(s * Duration.SECOND)) for n, s in rates]))
+            if rates
+            else None
+        )
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str = "default") -> None:
+        wait = self._paused_until - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        if self._limiter is not None:
+            self._limiter.try_acquire(key)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller of this budget back for `seconds` (the vendor said so)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+
+class VendorHttp(Protocol):
+    """What an httpx connector tells `JsonApi` about its vendor."""
+
+    system: str
+
+    def error_message(self, response: httpx.Response) -> str: ...
+
+    def retry_after(self, response: httpx.Response) -> float | None: ...
+
+    def observe(self, response: httpx.Response, budget: RateBudget) -> None: ...
+
+
+def translate_httpx(system: str, exc: Exception) -> ConnectorError | None:
+    if isinstance(exc, httpx.TimeoutException):
+        return ConnectorError(system, ErrorKind.TRANSIENT, f"timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.TransportError):
+        return ConnectorError(
+            system, ErrorKind.TRANSIENT, f"connection failed: {type(exc).__name__}: {exc}"
+        )
+    return None
+
+
+@dataclass
+class JsonApi:
+    """An httpx client for one connection: retries, rate budget, call counting."""
+
+    vendor: VendorHttp
+    client: httpx.Client
+    policy: RetryPolicy
+    budget: RateBudget
+    calls: Counter
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        route: str,
+        params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
+        json: Any = None,
+    ) -> Any:
+        """Send one request (retried when transient) and return the decoded JSON body."""
+        system = self.vendor.system
+
+        def send() -> Any:
+            self.budget.acquire()
+            self.calls[route] += 1
+            response = self.client.request(method, url, params=params, json=json)
+            self.vendor.observe(response, self.budget)
+            if response.status_code >= 400:
+                retry_after = self.vendor.retry_after(response)
+                if response.status_code == 429 and retry_after:
+                    self.budget.pause(retry_after)
+                raise ConnectorError(
+                    system,
+                    kind_for_status(response.status_code),
+                    redact(self.vendor.error_message(response)),
+                    status=response.status_code,
+                    retry_after=retry_after,
+                )
+            if response.status_code == 204 or not response.content:
+                return None
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise ConnectorError(
+                    system, ErrorKind.TRANSIENT, f"{route}: response was not JSON"
+                ) from exc
+
+        return call_with_retry(
+            system, self.policy, send, lambda e: translate_httpx(system, e), what=route
+        )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None

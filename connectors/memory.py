@@ -1,0 +1,161 @@
+"""In-memory CRM and project tool: the engine's test doubles and the benchmark's baseline.
+
+They implement the same interfaces as the vendor connectors, with an optional fault hook
+called before (and, for "apply then fail", after) each operation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from connectors.base import (
+    CRM,
+    Deal,
+    DealStamp,
+    DealStatus,
+    DealUpdate,
+    ProjectRef,
+    ProjectSpec,
+    ProjectTool,
+    WriteOutcome,
+)
+from connectors.errors import ConnectorError, ErrorKind
+
+# fault(op) is called before an operation; it may raise a ConnectorError, or return
+# "after" to have the operation applied and then fail (the response is lost).
+FaultHook = Callable[[str], str | None]
+
+
+def transient(system: str, what: str = "injected") -> ConnectorError:
+    return ConnectorError(system, ErrorKind.TRANSIENT, what, status=503)
+
+
+class MemoryCRM(CRM):
+    kind = "memory-crm"
+
+    def __init__(self, name: str = "crm", page_size: int = 100, fault: FaultHook | None = None):
+        super().__init__()
+        self.name = name
+        self.page_size = page_size
+        self.deals: dict[str, Deal] = {}
+        self.fault = fault
+        self.writes: list[DealUpdate] = []
+
+    def put(self, deal: Deal) -> None:
+        self.deals[deal.id] = deal
+
+    def _op(self, op: str) -> str | None:
+        self.calls[op] += 1
+        return self.fault(op) if self.fault else None
+
+    def read_changed_deals(
+        self, since: datetime | None, fields: Sequence[str], until: datetime | None = None
+    ) -> Iterator[list[Deal]]:
+        ordered = sorted(self.deals.values(), key=lambda d: (d.modified_at, d.id))
+        chosen = [
+            d
+            for d in ordered
+            if (since is None or d.modified_at >= since)
+            and (until is None or d.modified_at <= until)
+        ]
+        for i in range(0, max(len(chosen), 1), self.page_size):
+            self._op("read")
+            page = chosen[i : i + self.page_size]
+            if page:
+                yield [Deal(d.id, d.modified_at, d.status, dict(d.properties), d.url) for d in page]
+
+    def get_deals(self, deal_ids: Sequence[str], fields: Sequence[str]) -> list[Deal]:
+        self._op("get")
+        return [self.deals[i] for i in deal_ids if i in self.deals]
+
+    def write_deal_fields(self, updates: Sequence[DealUpdate]) -> list[WriteOutcome]:
+        after = self._op("write")
+        out = []
+        for u in updates:
+            if u.deal_id not in self.deals:
+                out.append(WriteOutcome(u.deal_id, False, "no such deal"))
+                continue
+            self.deals[u.deal_id].properties.update(u.fields)
+            self.writes.append(u)
+            out.append(WriteOutcome(u.deal_id, True))
+        if after == "after":
+            raise transient(self.name, "write applied, response lost")
+        return out
+
+    def field_names(self) -> set[str]:
+        return set(itertools.chain.from_iterable(d.properties for d in self.deals.values()))
+
+    def check(self) -> str:
+        return "memory CRM"
+
+
+@dataclass
+class MemoryProject:
+    ref: ProjectRef
+    stamp: str
+    spec: ProjectSpec
+    archived: bool = False
+    comments: list[str] = field(default_factory=list)
+
+
+class MemoryProjects(ProjectTool):
+    kind = "memory-tool"
+
+    def __init__(self, name: str = "tool", fault: FaultHook | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.projects: dict[str, MemoryProject] = {}
+        self.fault = fault
+        self._ids = itertools.count(1)
+
+    def _op(self, op: str) -> str | None:
+        self.calls[op] += 1
+        return self.fault(op) if self.fault else None
+
+    def create_project(self, spec: ProjectSpec, stamp: DealStamp) -> ProjectRef:
+        after = self._op("create")
+        pid = f"p{next(self._ids)}"
+        ref = ProjectRef(pid, spec.name, f"memory://{pid}")
+        self.projects[pid] = MemoryProject(ref, stamp.marker, spec)
+        if after == "after":
+            raise transient(self.name, "create applied, response lost")
+        return ref
+
+    def find_project(self, stamp: DealStamp) -> ProjectRef | None:
+        self._op("find")
+        for p in self.projects.values():
+            if p.stamp == stamp.marker:
+                return p.ref
+        return None
+
+    def update_project(self, project_id: str, spec: ProjectSpec) -> None:
+        after = self._op("update")
+        p = self.projects.get(project_id)
+        if p is None:
+            raise ConnectorError(self.name, ErrorKind.RECORD, "no such project", status=404)
+        p.spec.fields.update(spec.fields)
+        p.spec.custom_fields.update(spec.custom_fields)
+        if after == "after":
+            raise transient(self.name, "update applied, response lost")
+
+    def comment_on_project(self, project_id: str, text: str) -> None:
+        self._op("comment")
+        self.projects[project_id].comments.append(text)
+
+    def archive_project(self, project_id: str) -> None:
+        self._op("archive")
+        self.projects[project_id].archived = True
+
+    def projects_for(self, deal_id: str, crm_kind: str = MemoryCRM.kind) -> list[MemoryProject]:
+        marker = DealStamp(crm_kind, deal_id).marker
+        return [p for p in self.projects.values() if p.stamp == marker]
+
+    def check(self) -> str:
+        return "memory project tool"
+
+
+def won(deal_id: str, when: datetime, **props: object) -> Deal:
+    return Deal(deal_id, when, DealStatus.WON, {"dealname": f"Deal {deal_id}", **props})

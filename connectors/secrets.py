@@ -1,0 +1,50 @@
+"""The registry of secret values (tokens, passwords) and the one function that masks them.
+
+Config loading registers every value read from `${VAR}` or a secrets file; the log processor,
+error formatting and anything that prints user-facing text pass it through `redact`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+MASK = "***"
+_MIN_SECRET_LEN = 4  # masking "a" everywhere would destroy every message
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    if value and len(value) >= _MIN_SECRET_LEN:
+        with _lock:
+            _secrets.add(value)
+
+
+def registered_secrets() -> frozenset[str]:
+    with _lock:
+        return frozenset(_secrets)
+
+
+def redact(text: str) -> str:
+    if not _secrets or not text:
+        return text
+    # Longest first, so a secret that contains another is masked whole.
+    for secret in sorted(registered_secrets(), key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def redact_value(value: Any) -> Any:
+    """Redact strings inside nested dicts/lists/tuples (log event dicts, error payloads)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact_value(v) for v in value)
+    if isinstance(value, BaseException):
+        return redact(f"{type(value).__name__}: {value}")
+    return value

@@ -1,0 +1,101 @@
+"""The state store's tables: cursors, links, seen marks, runs, dead letters, leases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_column=Column(DateTime(timezone=True), **kw))
+
+
+class CursorRow(SQLModel, table=True):
+    """Where a pipeline's stream has read up to: the pair (modified time, record id)."""
+
+    __tablename__ = "cursors"
+    pipeline: str = Field(primary_key=True)
+    stream: str = Field(primary_key=True)
+    modified_at: datetime = _ts(nullable=False)
+    record_id: str
+    updated_at: datetime = _ts(nullable=False)
+
+
+class LinkRow(SQLModel, table=True):
+    """Deal ↔ project. The unique row is also the claim taken before creating a project."""
+
+    __tablename__ = "links"
+    __table_args__ = (UniqueConstraint("pipeline", "deal_id", name="uq_links_pipeline_deal"),)
+    id: int | None = Field(default=None, primary_key=True)
+    pipeline: str = Field(index=True)
+    deal_id: str
+    state: str = "pending"  # pending | created | unwon
+    project_id: str | None = Field(default=None, index=True)
+    project_name: str | None = None
+    project_url: str | None = None
+    deal_status: str = "won"
+    # Fingerprints of what we last wrote, per field: write only on difference (no echo).
+    forward_prints: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    back_prints: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class SeenRow(SQLModel, table=True):
+    """Records read inside the overlap window, so a re-read of the window skips them."""
+
+    __tablename__ = "seen"
+    pipeline: str = Field(primary_key=True)
+    stream: str = Field(primary_key=True)
+    record_id: str = Field(primary_key=True)
+    modified_at: datetime = _ts(nullable=False)
+
+
+class RunRow(SQLModel, table=True):
+    __tablename__ = "runs"
+    id: int | None = Field(default=None, primary_key=True)
+    pipeline: str = Field(index=True)
+    kind: str = "sync"  # sync | backfill | dlq-retry
+    owner: str = ""
+    status: str = "running"  # running | ok | partial | failed | interrupted
+    started_at: datetime = _ts(nullable=False)
+    finished_at: datetime | None = _ts(nullable=True)
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    api_calls: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    message: str | None = None
+
+
+class DeadLetterRow(SQLModel, table=True):
+    """A record that could not be applied: parked with why, retried later or by hand."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        UniqueConstraint("pipeline", "stream", "record_id", name="uq_dead_letters_record"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    pipeline: str = Field(index=True)
+    stream: str
+    record_id: str
+    step: str  # map | create | update | write | adopt
+    error_kind: str
+    message: str
+    attempts: int = 1
+    first_failed_at: datetime = _ts(nullable=False)
+    last_failed_at: datetime = _ts(nullable=False)
+    next_retry_at: datetime | None = _ts(nullable=True)
+
+
+class LeaseRow(SQLModel, table=True):
+    """Who runs a pipeline now; expires unless renewed, so a dead holder is replaced."""
+
+    __tablename__ = "leases"
+    pipeline: str = Field(primary_key=True)
+    owner: str
+    expires_at: datetime = _ts(nullable=False)

@@ -1,0 +1,507 @@
+"""The SQL state store (SQLite by default, PostgreSQL by URL): one class, batched writes.
+
+The engine commits a page at a time: links, seen marks, dead letters and the cursor move
+together in one transaction, so the cursor never passes a record that was not recorded.
+Claims (pending links) are committed on their own, before the project is created.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, event, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, SQLModel, create_engine
+
+from connectors.base import Cursor
+from state.models import CursorRow, DeadLetterRow, LeaseRow, LinkRow, RunRow, SeenRow
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; everything we store is UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass
+class Link:
+    pipeline: str
+    deal_id: str
+    state: str
+    project_id: str | None
+    project_name: str | None = None
+    project_url: str | None = None
+    deal_status: str = "won"
+    forward_prints: dict[str, str] = field(default_factory=dict)
+    back_prints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DeadLetter:
+    id: int
+    pipeline: str
+    stream: str
+    record_id: str
+    step: str
+    error_kind: str
+    message: str
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    next_retry_at: datetime | None
+
+
+@dataclass
+class Parked:
+    """A failure to record in the page's transaction."""
+
+    stream: str
+    record_id: str
+    step: str
+    error_kind: str
+    message: str
+
+
+@dataclass
+class PageCommit:
+    """Everything one processed page changes in the state store, applied atomically."""
+
+    pipeline: str
+    stream: str
+    cursor: Cursor | None = None
+    link_updates: list[Link] = field(default_factory=list)
+    seen: list[tuple[str, datetime]] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
+    resolved: list[str] = field(default_factory=list)  # record ids whose dead letter is cleared
+
+
+def _link(row: LinkRow) -> Link:
+    return Link(
+        pipeline=row.pipeline,
+        deal_id=row.deal_id,
+        state=row.state,
+        project_id=row.project_id,
+        project_name=row.project_name,
+        project_url=row.project_url,
+        deal_status=row.deal_status,
+        forward_prints=dict(row.forward_prints or {}),
+        back_prints=dict(row.back_prints or {}),
+    )
+
+
+def _dead_letter(row: DeadLetterRow) -> DeadLetter:
+    return DeadLetter(
+        id=row.id or 0,
+        pipeline=row.pipeline,
+        stream=row.stream,
+        record_id=row.record_id,
+        step=row.step,
+        error_kind=row.error_kind,
+        message=row.message,
+        attempts=row.attempts,
+        first_failed_at=as_utc(row.first_failed_at),  # type: ignore[arg-type]
+        last_failed_at=as_utc(row.last_failed_at),  # type: ignore[arg-type]
+        next_retry_at=as_utc(row.next_retry_at),
+    )
+
+
+# Transient failures parked as dead letters are retried automatically after this backoff.
+DLQ_BACKOFF = [
+    timedelta(minutes=1),
+    timedelta(minutes=5),
+    timedelta(minutes=30),
+    timedelta(hours=2),
+]
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets `handoff status` read while a run writes; NORMAL sync is safe in WAL.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class StateStore:
+    """Cursors, links, seen marks, runs, dead letters and leases, in one SQL database."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._dialect = self.engine.dialect.name
+        if create:
+            SQLModel.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+
+    # -- cursors ---------------------------------------------------------------------------
+    def get_cursor(self, pipeline: str, stream: str) -> Cursor | None:
+        with Session(self.engine) as s:
+            row = s.get(CursorRow, (pipeline, stream))
+            return Cursor(as_utc(row.modified_at), row.record_id) if row else None  # type: ignore[arg-type]
+
+    def set_cursor(self, pipeline: str, stream: str, cursor: Cursor | None) -> None:
+        with Session(self.engine) as s, s.begin():
+            if cursor is None:
+                s.exec(
+                    delete(CursorRow).where(  # type: ignore[call-overload]
+                        CursorRow.pipeline == pipeline, CursorRow.stream == stream
+                    )
+                )
+                s.exec(delete(SeenRow).where(SeenRow.pipeline == pipeline))  # type: ignore[call-overload]
+            else:
+                self._write_cursor(s, pipeline, stream, cursor)
+
+    def _write_cursor(self, s: Session, pipeline: str, stream: str, cursor: Cursor) -> None:
+        stmt = self._insert(CursorRow.__table__).values(
+            pipeline=pipeline,
+            stream=stream,
+            modified_at=cursor.modified_at,
+            record_id=cursor.record_id,
+            updated_at=utcnow(),
+        )
+        s.exec(
+            stmt.on_conflict_do_update(
+                index_elements=["pipeline", "stream"],
+                set_={
+                    "modified_at": stmt.excluded.modified_at,
+                    "record_id": stmt.excluded.record_id,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+            )
+        )
+
+    def cursors(self, pipeline: str) -> dict[str, Cursor]:
+        with Session(self.engine) as s:
+            rows = s.exec(select(CursorRow).where(CursorRow.pipeline == pipeline)).scalars()
+            return {r.stream: Cursor(as_utc(r.modified_at), r.record_id) for r in rows}  # type: ignore[arg-type]
+
+    # -- seen marks (overlap-window de-duplication) ------------------------------------------
+    def seen_marks(
+        self, pipeline: str, stream: str, record_ids: Sequence[str]
+    ) -> dict[str, datetime]:
+        if not record_ids:
+            return {}
+        with Session(self.engine) as s:
+            rows = s.exec(
+                select(SeenRow.record_id, SeenRow.modified_at).where(
+                    SeenRow.pipeline == pipeline,
+                    SeenRow.stream == stream,
+                    SeenRow.record_id.in_(list(record_ids)),  # type: ignore[attr-defined]
+                )
+            ).all()
+            return {rid: as_utc(ts) for rid, ts in rows}  # type: ignore[misc]
+
+    def prune_seen(self, pipeline: str, stream: str, older_than: datetime) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.exec(
+                delete(SeenRow).where(  # type: ignore[call-overload]
+                    SeenRow.pipeline == pipeline,
+                    SeenRow.stream == stream,
+                    SeenRow.modified_at < older_than,
+                )
+            )
+
+    # -- links -------------------------------------------------------------------------------
+    def links_for(self, pipeline: str, deal_ids: Iterable[str]) -> dict[str, Link]:
+        ids = list(deal_ids)
+        if not ids:
+            return {}
+        out: dict[str, Link] = {}
+        with Session(self.engine) as s:
+            for chunk_start in range(0, len(ids), 500):
+                chunk = ids[chunk_start : chunk_start + 500]
+                rows = s.exec(
+                    select(LinkRow).where(
+                        LinkRow.pipeline == pipeline,
+                        LinkRow.deal_id.in_(chunk),  # type: ignore[attr-defined]
+                    )
+                ).scalars()
+                out.update({r.deal_id: _link(r) for r in rows})
+        return out
+
+    def link(self, pipeline: str, deal_id: str) -> Link | None:
+        return self.links_for(pipeline, [deal_id]).get(deal_id)
+
+    def iter_links(self, pipeline: str, state: str | None = "created") -> Iterable[Link]:
+        with Session(self.engine) as s:
+            q = select(LinkRow).where(LinkRow.pipeline == pipeline)
+            if state:
+                q = q.where(LinkRow.state == state)
+            for row in s.exec(q.order_by(LinkRow.id).execution_options(yield_per=1000)).scalars():
+                yield _link(row)
+
+    def link_counts(self, pipeline: str) -> dict[str, int]:
+        with Session(self.engine) as s:
+            rows = s.exec(
+                select(LinkRow.state, func.count())
+                .where(LinkRow.pipeline == pipeline)
+                .group_by(LinkRow.state)
+            ).all()
+            return {state: n for state, n in rows}
+
+    def claim(self, pipeline: str, deal_id: str) -> tuple[bool, Link]:
+        """Take the deal before creating its project. False (and the row) if already taken."""
+        now = utcnow()
+        with Session(self.engine) as s:
+            try:
+                with s.begin():
+                    s.add(
+                        LinkRow(
+                            pipeline=pipeline,
+                            deal_id=deal_id,
+                            state="pending",
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+            except IntegrityError:
+                existing = self.link(pipeline, deal_id)
+                assert existing is not None
+                return False, existing
+        return True, Link(pipeline, deal_id, "pending", None)
+
+    def save_link(self, link: Link) -> None:
+        """Record a created/adopted project at once, outside the page transaction."""
+        with Session(self.engine) as s, s.begin():
+            self._update_links(s, [link])
+
+    def _update_links(self, s: Session, links: Sequence[Link]) -> None:
+        now = utcnow()
+        for link in links:
+            s.exec(
+                update(LinkRow)  # type: ignore[call-overload]
+                .where(LinkRow.pipeline == link.pipeline, LinkRow.deal_id == link.deal_id)
+                .values(
+                    state=link.state,
+                    project_id=link.project_id,
+                    project_name=link.project_name,
+                    project_url=link.project_url,
+                    deal_status=link.deal_status,
+                    forward_prints=link.forward_prints,
+                    back_prints=link.back_prints,
+                    updated_at=now,
+                )
+            )
+
+    def drop_claim(self, pipeline: str, deal_id: str) -> None:
+        """Release a pending claim whose create was refused outright (nothing was created)."""
+        with Session(self.engine) as s, s.begin():
+            s.exec(
+                delete(LinkRow).where(  # type: ignore[call-overload]
+                    LinkRow.pipeline == pipeline,
+                    LinkRow.deal_id == deal_id,
+                    LinkRow.state == "pending",
+                )
+            )
+
+    # -- the page transaction ----------------------------------------------------------------
+    def commit_page(self, page: PageCommit) -> None:
+        now = utcnow()
+        with Session(self.engine) as s, s.begin():
+            if page.link_updates:
+                self._update_links(s, page.link_updates)
+            if page.seen:
+                stmt = self._insert(SeenRow.__table__)
+                rows = [
+                    {
+                        "pipeline": page.pipeline,
+                        "stream": page.stream,
+                        "record_id": rid,
+                        "modified_at": ts,
+                    }
+                    for rid, ts in page.seen
+                ]
+                s.exec(
+                    stmt.on_conflict_do_update(
+                        index_elements=["pipeline", "stream", "record_id"],
+                        set_={"modified_at": stmt.excluded.modified_at},
+                    ),
+                    params=rows,
+                )
+            if page.resolved:
+                s.exec(
+                    delete(DeadLetterRow).where(  # type: ignore[call-overload]
+                        DeadLetterRow.pipeline == page.pipeline,
+                        DeadLetterRow.record_id.in_(page.resolved),  # type: ignore[attr-defined]
+                    )
+                )
+            for p in page.parked:
+                self._park(s, page.pipeline, p, now)
+            if page.cursor is not None:
+                self._write_cursor(s, page.pipeline, page.stream, page.cursor)
+
+    def _park(self, s: Session, pipeline: str, p: Parked, now: datetime) -> None:
+        existing = s.exec(
+            select(DeadLetterRow).where(
+                DeadLetterRow.pipeline == pipeline,
+                DeadLetterRow.stream == p.stream,
+                DeadLetterRow.record_id == p.record_id,
+            )
+        ).scalar_one_or_none()
+        attempts = (existing.attempts + 1) if existing else 1
+        next_retry = (
+            now + DLQ_BACKOFF[min(attempts - 1, len(DLQ_BACKOFF) - 1)]
+            if p.error_kind == "transient"
+            else None
+        )
+        if existing:
+            existing.step, existing.error_kind, existing.message = p.step, p.error_kind, p.message
+            existing.attempts, existing.last_failed_at = attempts, now
+            existing.next_retry_at = next_retry
+            s.add(existing)
+        else:
+            s.add(
+                DeadLetterRow(
+                    pipeline=pipeline,
+                    stream=p.stream,
+                    record_id=p.record_id,
+                    step=p.step,
+                    error_kind=p.error_kind,
+                    message=p.message,
+                    attempts=1,
+                    first_failed_at=now,
+                    last_failed_at=now,
+                    next_retry_at=next_retry,
+                )
+            )
+
+    # -- dead letters -----------------------------------------------------------------------
+    def dead_letters(
+        self, pipeline: str | None = None, *, due_only: bool = False
+    ) -> list[DeadLetter]:
+        with Session(self.engine) as s:
+            q = select(DeadLetterRow)
+            if pipeline:
+                q = q.where(DeadLetterRow.pipeline == pipeline)
+            if due_only:
+                q = q.where(
+                    and_(
+                        DeadLetterRow.next_retry_at.is_not(None),  # type: ignore[union-attr]
+                        DeadLetterRow.next_retry_at <= utcnow(),  # type: ignore[operator]
+                    )
+                )
+            return [_dead_letter(r) for r in s.exec(q.order_by(DeadLetterRow.id)).scalars()]
+
+    def dead_letter(self, dl_id: int) -> DeadLetter | None:
+        with Session(self.engine) as s:
+            row = s.get(DeadLetterRow, dl_id)
+            return _dead_letter(row) if row else None
+
+    def drop_dead_letter(self, dl_id: int) -> bool:
+        with Session(self.engine) as s, s.begin():
+            res = s.exec(delete(DeadLetterRow).where(DeadLetterRow.id == dl_id))  # type: ignore[call-overload]
+            return bool(res.rowcount)
+
+    def dead_letter_count(self, pipeline: str) -> int:
+        with Session(self.engine) as s:
+            return s.exec(
+                select(func.count())
+                .select_from(DeadLetterRow)
+                .where(DeadLetterRow.pipeline == pipeline)
+            ).scalar_one()
+
+    # -- runs ---------------------------------------------------------------------------------
+    def start_run(self, pipeline: str, kind: str, owner: str) -> int:
+        with Session(self.engine) as s, s.begin():
+            row = RunRow(pipeline=pipeline, kind=kind, owner=owner, started_at=utcnow())
+            s.add(row)
+            s.flush()
+            return row.id  # type: ignore[return-value]
+
+    def finish_run(self, run_id: int, status: str, counts: dict[str, Any]) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.exec(
+                update(RunRow)  # type: ignore[call-overload]
+                .where(RunRow.id == run_id)
+                .values(status=status, finished_at=utcnow(), **counts)
+            )
+
+    def last_run(self, pipeline: str) -> RunRow | None:
+        with Session(self.engine) as s:
+            return s.exec(
+                select(RunRow)
+                .where(RunRow.pipeline == pipeline, RunRow.status != "running")
+                .order_by(RunRow.id.desc())  # type: ignore[union-attr]
+                .limit(1)
+            ).scalar_one_or_none()
+
+    def runs(self, pipeline: str | None = None) -> list[RunRow]:
+        with Session(self.engine) as s:
+            q = select(RunRow)
+            if pipeline:
+                q = q.where(RunRow.pipeline == pipeline)
+            return list(s.exec(q.order_by(RunRow.id)).scalars())
+
+    def running(self, pipeline: str) -> RunRow | None:
+        with Session(self.engine) as s:
+            return (
+                s.exec(
+                    select(RunRow).where(RunRow.pipeline == pipeline, RunRow.status == "running")
+                )
+                .scalars()
+                .first()
+            )
+
+    def mark_abandoned_runs(self, pipeline: str) -> None:
+        """Runs left `running` by a killed process, found once we hold the lease."""
+        with Session(self.engine) as s, s.begin():
+            s.exec(
+                update(RunRow)  # type: ignore[call-overload]
+                .where(RunRow.pipeline == pipeline, RunRow.status == "running")
+                .values(status="interrupted", finished_at=utcnow())
+            )
+
+    # -- leases -------------------------------------------------------------------------------
+    def acquire_lease(self, pipeline: str, owner: str, ttl: timedelta) -> bool:
+        now = utcnow()
+        stmt = self._insert(LeaseRow.__table__).values(
+            pipeline=pipeline, owner=owner, expires_at=now + ttl
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["pipeline"],
+            set_={"owner": stmt.excluded.owner, "expires_at": stmt.excluded.expires_at},
+            where=or_(LeaseRow.__table__.c.expires_at < now, LeaseRow.__table__.c.owner == owner),
+        )
+        with Session(self.engine) as s, s.begin():
+            s.exec(stmt)
+            holder = s.get(LeaseRow, pipeline)
+            return holder is not None and holder.owner == owner
+
+    def release_lease(self, pipeline: str, owner: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.exec(
+                delete(LeaseRow).where(LeaseRow.pipeline == pipeline, LeaseRow.owner == owner)  # type: ignore[call-overload]
+            )
+
+    def lease(self, pipeline: str) -> LeaseRow | None:
+        with Session(self.engine) as s:
+            row = s.get(LeaseRow, pipeline)
+            if row and as_utc(row.expires_at) > utcnow():  # type: ignore[operator]
+                return row
+            return None

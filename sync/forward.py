@@ -1,0 +1,303 @@
+"""The forward flow: won deals become projects, exactly once, and kept-in-sync fields follow.
+
+Per deal: map (pure) → claim the deal in the state store → create the stamped project →
+record the link. A pending claim (a crash, a concurrent run) is resolved by finding the
+stamped project and adopting it before creating anything. The cursor moves once per page,
+in the same transaction as that page's links, seen marks and dead letters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from connectors.base import CRM, Deal, DealStamp, DealStatus, ProjectSpec, ProjectTool
+from connectors.errors import ConnectorError, ErrorKind
+from mappings.field_map import CompiledFieldMap, ForwardResult, deal_context, map_deal, render_text
+from state.store import Link, PageCommit, Parked, StateStore
+
+STREAM = "deals"
+
+
+def fingerprint(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+@dataclass
+class Counts:
+    created: int = 0
+    adopted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    unwon: int = 0
+    dead_lettered: int = 0
+    read: int = 0
+
+    def add(self, other: Counts) -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class PlannedAction:
+    """One line of a dry-run plan."""
+
+    deal_id: str
+    action: str  # create | adopt-or-create | update | unchanged | skip | unwon | park
+    detail: str = ""
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+class StopRun(Exception):
+    """A failure that ends the pipeline run (auth, unreachable): nothing more can succeed."""
+
+    def __init__(self, error: ConnectorError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class ForwardSync:
+    pipeline: str
+    crm: CRM
+    tool: ProjectTool
+    field_map: CompiledFieldMap
+    store: StateStore
+    overlap: timedelta
+    start_from: date | None = None
+    dry_run: bool = False
+    on_progress: Callable[[int], None] | None = None
+    on_page: Callable[[], None] | None = None  # lease renewal hook
+    log: Any = field(default_factory=lambda: structlog.get_logger("handoff.forward"))
+    counts: Counts = field(default_factory=Counts)
+    plan: list[PlannedAction] = field(default_factory=list)
+    stream: str = STREAM
+    adopt_first: bool = False  # look for stamped projects before every create
+
+    def __post_init__(self) -> None:
+        self.log = self.log.bind(pipeline=self.pipeline)
+        self._today = datetime.now(UTC).date()
+
+    # -- the read loop ------------------------------------------------------------------------
+    def run(self, since: datetime | None = None, until: datetime | None = None) -> Counts:
+        """Read and apply every change since the cursor (or `since` for a backfill)."""
+        cursor = self.store.get_cursor(self.pipeline, self.stream)
+        if since is None:
+            if cursor is not None:
+                since = cursor.modified_at - self.overlap
+            elif self.start_from is not None:
+                since = datetime(
+                    self.start_from.year, self.start_from.month, self.start_from.day, tzinfo=UTC
+                )
+        if cursor is None:
+            self.adopt_first = True
+        high = cursor
+        fields = self.field_map.deal_fields
+        try:
+            for page in self.crm.read_changed_deals(since, fields, until):
+                high = self._apply_page(page, high)
+                if self.on_page:
+                    self.on_page()
+        except ConnectorError as exc:
+            raise StopRun(exc) from exc
+        if high is not None and not self.dry_run:
+            self.store.prune_seen(self.pipeline, self.stream, high.modified_at - self.overlap)
+        return self.counts
+
+    def _apply_page(self, page: list[Deal], high: Any) -> Any:
+        ids = [d.id for d in page]
+        marks = self.store.seen_marks(self.pipeline, self.stream, ids)
+        links = self.store.links_for(self.pipeline, ids)
+        commit = PageCommit(self.pipeline, self.stream)
+        for deal in page:
+            self.counts.read += 1
+            if marks.get(deal.id) == deal.modified_at:
+                continue  # this exact version was applied by an earlier read of the window
+            self._apply(deal, links.get(deal.id), commit)
+            commit.seen.append((deal.id, deal.modified_at))
+            if high is None or deal.cursor > high:
+                high = deal.cursor
+        if self.on_progress:
+            self.on_progress(len(page))
+        if not self.dry_run:
+            commit.cursor = high
+            self.store.commit_page(commit)
+        return high
+
+    # -- one deal -----------------------------------------------------------------------------
+    def _apply(self, deal: Deal, link: Link | None, commit: PageCommit) -> None:
+        log = self.log.bind(deal_id=deal.id)
+        try:
+            if deal.status is DealStatus.WON:
+                self._apply_won(deal, link, commit, log)
+            elif link is not None and link.state == "created":
+                self._apply_unwon(deal, link, commit, log)
+            else:
+                self.counts.skipped += 1
+                self._planned(deal.id, "skip", f"deal is {deal.status}")
+        except ConnectorError as exc:
+            if exc.kind in (ErrorKind.AUTH, ErrorKind.UNREACHABLE):
+                raise StopRun(exc) from exc
+            self._park(commit, deal.id, getattr(exc, "step", "apply"), exc.kind, str(exc), log)
+
+    def _apply_won(self, deal: Deal, link: Link | None, commit: PageCommit, log: Any) -> None:
+        result = map_deal(self.field_map, deal, self._today)
+        if result.errors:
+            message = "; ".join(str(e) for e in result.errors)
+            self._park(commit, deal.id, "map", ErrorKind.RECORD, message, log)
+            return
+        assert result.spec is not None
+        stamp = DealStamp(self.crm.kind, deal.id)
+        if link is None or link.state == "pending":
+            self._create_or_adopt(deal, link, result, stamp, commit, log)
+            return
+        if link.state == "unwon":
+            log.info("deal.won_again", project_id=link.project_id)
+            link.state, link.deal_status = "created", str(deal.status)
+            commit.link_updates.append(link)
+        self._keep_in_sync(deal, link, result, commit, log)
+
+    def _create_or_adopt(
+        self,
+        deal: Deal,
+        link: Link | None,
+        result: ForwardResult,
+        stamp: DealStamp,
+        commit: PageCommit,
+        log: Any,
+    ) -> None:
+        spec = result.spec
+        assert spec is not None
+        if self.dry_run:
+            if link is None:
+                self.counts.created += 1
+                self._planned(
+                    deal.id, "create", spec.name, {self.tool.name: self.tool.create_cost(spec)}
+                )
+            else:
+                self.counts.adopted += 1
+                self._planned(deal.id, "adopt-or-create", spec.name, {self.tool.name: 1})
+            return
+        just_claimed = False
+        if link is None:
+            just_claimed, link = self.store.claim(self.pipeline, deal.id)
+            if not just_claimed and link.state != "pending":
+                # Another run linked it between our read and our claim: nothing to create.
+                self.counts.unchanged += 1
+                return
+        # Look for a stamped project before creating whenever one may exist: a pending claim
+        # (a crash or a concurrent run) or a pipeline with no cursor (first run, lost state).
+        ref = None
+        if self.adopt_first or not just_claimed:
+            ref = self._with_step("adopt", lambda: self.tool.find_project(stamp))
+        if ref is not None:
+            self.counts.adopted += 1
+            log.info("project.adopted", project_id=ref.id)
+        else:
+            ref = self._create(spec, stamp, deal, log)
+            self.counts.created += 1
+            log.info("project.created", project_id=ref.id, project=ref.name)
+        link.state, link.project_id = "created", ref.id
+        link.project_name, link.project_url = ref.name, ref.url
+        link.deal_status = str(deal.status)
+        link.forward_prints = {k: fingerprint(v) for k, v in result.synced.items()}
+        self.store.save_link(link)  # at once: the smallest window between create and link
+        commit.resolved.append(deal.id)
+
+    def _create(self, spec: ProjectSpec, stamp: DealStamp, deal: Deal, log: Any) -> Any:
+        try:
+            return self.tool.create_project(spec, stamp)
+        except ConnectorError as exc:
+            exc.step = "create"  # type: ignore[attr-defined]
+            if exc.kind is ErrorKind.RECORD:
+                # Refused outright: no project exists, so the claim may go.
+                self.store.drop_claim(self.pipeline, deal.id)
+            # Transient: the project may exist (committed, response lost). The claim stays
+            # pending; the next attempt adopts by stamp before creating.
+            raise
+
+    def _with_step(self, step: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except ConnectorError as exc:
+            exc.step = step  # type: ignore[attr-defined]
+            raise
+
+    def _keep_in_sync(
+        self, deal: Deal, link: Link, result: ForwardResult, commit: PageCommit, log: Any
+    ) -> None:
+        prints = {k: fingerprint(v) for k, v in result.synced.items()}
+        changed = {
+            k: v for k, v in result.synced.items() if link.forward_prints.get(k) != prints[k]
+        }
+        if not changed:
+            self.counts.unchanged += 1
+            self._planned(deal.id, "unchanged")
+            return
+        assert result.spec is not None
+        partial = ProjectSpec(
+            name=result.spec.name,
+            fields={k.split(".", 1)[1]: v for k, v in changed.items() if k.startswith("fields.")},
+            custom_fields={
+                k.split(".", 1)[1]: v for k, v in changed.items() if k.startswith("custom_fields.")
+            },
+        )
+        if self.dry_run:
+            self.counts.updated += 1
+            self._planned(
+                deal.id,
+                "update",
+                ", ".join(sorted(changed)),
+                {self.tool.name: self.tool.update_cost(partial)},
+            )
+            return
+        assert link.project_id is not None
+        self._with_step("update", lambda: self.tool.update_project(link.project_id, partial))
+        link.forward_prints = {**link.forward_prints, **{k: prints[k] for k in changed}}
+        commit.link_updates.append(link)
+        commit.resolved.append(deal.id)
+        self.counts.updated += 1
+        log.info("project.updated", project_id=link.project_id, fields=sorted(changed))
+
+    def _apply_unwon(self, deal: Deal, link: Link, commit: PageCommit, log: Any) -> None:
+        """Never delete: mark the link, log it, run the mapping's optional action."""
+        rule = self.field_map.spec.on_unwon
+        self.counts.unwon += 1
+        if self.dry_run:
+            self._planned(deal.id, "unwon", f"{rule.action} project {link.project_id}")
+            return
+        assert link.project_id is not None
+        if rule.action == "comment":
+            text = render_text(self.field_map, rule.text, deal_context(deal))
+            self._with_step("unwon", lambda: self.tool.comment_on_project(link.project_id, text))
+        elif rule.action == "archive":
+            self._with_step("unwon", lambda: self.tool.archive_project(link.project_id))
+        link.state, link.deal_status = "unwon", str(deal.status)
+        commit.link_updates.append(link)
+        log.warning(
+            "deal.unwon", project_id=link.project_id, status=str(deal.status), action=rule.action
+        )
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _park(
+        self, commit: PageCommit, record_id: str, step: str, kind: ErrorKind, message: str, log: Any
+    ) -> None:
+        self.counts.dead_lettered += 1
+        self._planned(record_id, "park", message)
+        if not self.dry_run:
+            commit.parked.append(Parked(self.stream, record_id, step, str(kind), message))
+        log.warning("record.parked", step=step, error_kind=str(kind), reason=message)
+
+    def _planned(
+        self, deal_id: str, action: str, detail: str = "", calls: dict[str, int] | None = None
+    ) -> None:
+        if self.dry_run:
+            self.plan.append(PlannedAction(deal_id, action, detail, calls or {}))

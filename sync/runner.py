@@ -1,0 +1,199 @@
+"""Run pipelines: build connectors, hold the pipeline's lease, record the run, map outcomes to
+exit codes (0 applied, 1 parked, 2 config, 3 unreachable/auth)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from connectors.base import CRM, Connector, ProjectTool
+from connectors.errors import ConnectorError, ErrorKind
+from connectors.registry import build_connector
+from connectors.secrets import redact
+from state.store import StateStore
+from sync.config import LoadedConfig, PipelineConfig, parse_duration
+from sync.forward import Counts, ForwardSync, PlannedAction, StopRun
+
+log = structlog.get_logger("handoff.runner")
+
+EXIT_OK, EXIT_PARKED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def new_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    status: str  # ok | partial | failed | skipped
+    counts: Counts = field(default_factory=Counts)
+    api_calls: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    error_kind: str | None = None
+    duration_s: float = 0.0
+    plan: list[PlannedAction] = field(default_factory=list)
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.counts
+        return {
+            "name": self.name,
+            "status": self.status,
+            "dry_run": self.dry_run,
+            "created": c.created,
+            "adopted": c.adopted,
+            "updated": c.updated,
+            "unchanged": c.unchanged,
+            "skipped": c.skipped,
+            "unwon": c.unwon,
+            "dead_lettered": c.dead_lettered,
+            "read": c.read,
+            "api_calls": self.api_calls,
+            "api_calls_total": sum(self.api_calls.values()),
+            "duration_s": round(self.duration_s, 3),
+            "error": self.error,
+        }
+
+
+class Connections:
+    """One connector per configured connection, shared by every pipeline in this process
+    (so each connection has one rate budget)."""
+
+    def __init__(
+        self, loaded: LoadedConfig, factory: Callable[[str, Any], Connector] | None = None
+    ) -> None:
+        self.loaded = loaded
+        self.factory = factory or build_connector
+        self._built: dict[str, Connector] = {}
+
+    def get(self, name: str) -> Connector:
+        if name not in self._built:
+            self._built[name] = self.factory(name, self.loaded.config.connections[name])
+        return self._built[name]
+
+    def calls(self) -> dict[str, int]:
+        return {name: c.api_calls for name, c in self._built.items()}
+
+    def close(self) -> None:
+        for c in self._built.values():
+            c.close()
+
+
+def exit_code(results: list[PipelineResult]) -> int:
+    if any(r.error_kind in (ErrorKind.AUTH, ErrorKind.UNREACHABLE) for r in results):
+        return EXIT_UNREACHABLE
+    if any(r.status == "failed" for r in results):
+        return EXIT_UNREACHABLE
+    if any(r.counts.dead_lettered for r in results):
+        return EXIT_PARKED
+    return EXIT_OK
+
+
+def run_pipeline(
+    loaded: LoadedConfig,
+    pipeline: PipelineConfig,
+    store: StateStore,
+    connections: Connections,
+    *,
+    dry_run: bool = False,
+    owner: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    kind: str = "sync",
+    on_progress: Callable[[int], None] | None = None,
+) -> PipelineResult:
+    owner = owner or new_owner()
+    plog = log.bind(pipeline=pipeline.name)
+    started = time.monotonic()
+    ttl = parse_duration(pipeline.options.lease_ttl)
+    before = connections.calls()
+    result = PipelineResult(pipeline.name, "ok", dry_run=dry_run)
+
+    if not dry_run:
+        if not store.acquire_lease(pipeline.name, owner, ttl):
+            holder = store.lease(pipeline.name)
+            plog.info(
+                "run.skipped",
+                reason="another run holds the lease",
+                holder=holder.owner if holder else None,
+            )
+            result.status = "skipped"
+            result.error = "another run of this pipeline is in progress"
+            return result
+        store.mark_abandoned_runs(pipeline.name)
+    run_id = None if dry_run else store.start_run(pipeline.name, kind, owner)
+    plog.info("run.started", kind=kind, dry_run=dry_run)
+    try:
+        crm = connections.get(pipeline.source)
+        tool = connections.get(pipeline.target)
+        assert isinstance(crm, CRM) and isinstance(tool, ProjectTool)
+
+        def heartbeat() -> None:
+            if not dry_run and not store.acquire_lease(pipeline.name, owner, ttl):
+                raise StopRun(
+                    ConnectorError("state", ErrorKind.UNREACHABLE, "lost the pipeline lease")
+                )
+
+        if pipeline.direction in ("forward", "both"):
+            forward = ForwardSync(
+                pipeline=pipeline.name,
+                crm=crm,
+                tool=tool,
+                field_map=loaded.mappings[pipeline.name],
+                store=store,
+                overlap=parse_duration(pipeline.options.overlap),
+                start_from=pipeline.options.start_from,
+                dry_run=dry_run,
+                on_progress=on_progress,
+                on_page=heartbeat,
+            )
+            if kind == "backfill":
+                forward.adopt_first = True
+            try:
+                forward.run(since=since, until=until)
+            finally:
+                result.counts.add(forward.counts)
+                result.plan += forward.plan
+        result.status = "partial" if result.counts.dead_lettered else "ok"
+    except StopRun as exc:
+        result.status = "failed"
+        result.error = redact(str(exc.error))
+        result.error_kind = exc.error.kind
+        if exc.error.kind is ErrorKind.TRANSIENT:
+            result.error_kind = ErrorKind.UNREACHABLE
+        plog.error("run.failed", error=result.error, error_kind=str(result.error_kind))
+    finally:
+        after = connections.calls()
+        result.api_calls = {
+            name: after.get(name, 0) - before.get(name, 0)
+            for name in (pipeline.source, pipeline.target)
+        }
+        result.duration_s = time.monotonic() - started
+        if run_id is not None:
+            c = result.counts
+            store.finish_run(
+                run_id,
+                result.status if result.status != "ok" else "ok",
+                {
+                    "created": c.created + c.adopted,
+                    "updated": c.updated,
+                    "unchanged": c.unchanged,
+                    "skipped": c.skipped,
+                    "dead_lettered": c.dead_lettered,
+                    "api_calls": result.api_calls,
+                    "message": result.error,
+                },
+            )
+        if not dry_run:
+            store.release_lease(pipeline.name, owner)
+    plog.info("run.finished", **{k: v for k, v in result.as_dict().items() if k != "name"})
+    return result
