@@ -145,6 +145,8 @@ class Connector(ABC):
 class CRM(Connector):
     """A source of deals."""
 
+    write_batch_size: ClassVar[int] = 100  # deals per vendor batch write
+
     @abstractmethod
     def read_changed_deals(
         self, since: datetime | None, fields: Sequence[str], until: datetime | None = None
@@ -185,6 +187,16 @@ class ProjectTool(Connector):
     @abstractmethod
     def update_project(self, project_id: str, spec: ProjectSpec) -> None:
         """Apply the kept-in-sync parts of `spec` (fields/custom fields present) to the project."""
+
+    @abstractmethod
+    def read_milestone_changes(
+        self, since: datetime | None, project_ids: Sequence[str]
+    ) -> Iterator[list[Milestone]]:
+        """Pages of milestones modified at or after `since`, oldest first.
+
+        `project_ids` are the linked projects; a tool that can read changes workspace-wide
+        does so (reads in proportion to what changed) and the engine ignores the rest.
+        """
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         raise NotImplementedError(f"{self.kind} cannot comment on projects yet")

@@ -6,10 +6,11 @@ called before (and, for "apply then fail", after) each operation.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from connectors.base import (
     CRM,
@@ -17,6 +18,7 @@ from connectors.base import (
     DealStamp,
     DealStatus,
     DealUpdate,
+    Milestone,
     ProjectRef,
     ProjectSpec,
     ProjectTool,
@@ -43,6 +45,8 @@ class MemoryCRM(CRM):
         self.deals: dict[str, Deal] = {}
         self.fault = fault
         self.writes: list[DealUpdate] = []
+        self.timeline: list[tuple[str, str]] = []
+        self.refuse: set[str] = set()  # deal ids whose writes fail validation
 
     def put(self, deal: Deal) -> None:
         self.deals[deal.id] = deal
@@ -72,18 +76,33 @@ class MemoryCRM(CRM):
         return [self.deals[i] for i in deal_ids if i in self.deals]
 
     def write_deal_fields(self, updates: Sequence[DealUpdate]) -> list[WriteOutcome]:
+        out = []
+        for start in range(0, len(updates), self.write_batch_size):
+            out += self._write_batch(updates[start : start + self.write_batch_size])
+        return out
+
+    def _write_batch(self, updates: Sequence[DealUpdate]) -> list[WriteOutcome]:
         after = self._op("write")
         out = []
         for u in updates:
+            if u.deal_id in self.refuse:
+                out.append(WriteOutcome(u.deal_id, False, "refused by validation rule"))
+                continue
             if u.deal_id not in self.deals:
                 out.append(WriteOutcome(u.deal_id, False, "no such deal"))
                 continue
-            self.deals[u.deal_id].properties.update(u.fields)
+            deal = self.deals[u.deal_id]
+            deal.properties.update(u.fields)
+            deal.modified_at = datetime.now(UTC)  # as the vendors do: writes are changes too
             self.writes.append(u)
             out.append(WriteOutcome(u.deal_id, True))
         if after == "after":
             raise transient(self.name, "write applied, response lost")
         return out
+
+    def add_timeline_entry(self, deal_id: str, text: str) -> None:
+        self._op("timeline")
+        self.timeline.append((deal_id, text))
 
     def field_names(self) -> set[str]:
         return set(itertools.chain.from_iterable(d.properties for d in self.deals.values()))
@@ -107,7 +126,9 @@ class MemoryProjects(ProjectTool):
     def __init__(self, name: str = "tool", fault: FaultHook | None = None) -> None:
         super().__init__()
         self.name = name
+        self.page_size = 100
         self.projects: dict[str, MemoryProject] = {}
+        self.milestones: dict[str, Milestone] = {}
         self.fault = fault
         self._ids = itertools.count(1)
 
@@ -120,6 +141,10 @@ class MemoryProjects(ProjectTool):
         pid = f"p{next(self._ids)}"
         ref = ProjectRef(pid, spec.name, f"memory://{pid}")
         self.projects[pid] = MemoryProject(ref, stamp.marker, spec)
+        now = datetime.now(UTC)
+        for i, m in enumerate(spec.milestones):
+            mid = f"{pid}-m{i}"
+            self.milestones[mid] = Milestone(mid, pid, m.name, False, None, m.due_on, now)
         if after == "after":
             raise transient(self.name, "create applied, response lost")
         return ref
@@ -140,6 +165,22 @@ class MemoryProjects(ProjectTool):
         p.spec.custom_fields.update(spec.custom_fields)
         if after == "after":
             raise transient(self.name, "update applied, response lost")
+
+    def complete_milestone(self, milestone_id: str, when: datetime, done: bool = True) -> None:
+        m = self.milestones[milestone_id]
+        m.completed, m.completed_at, m.modified_at = done, (when if done else None), when
+
+    def read_milestone_changes(
+        self, since: datetime | None, project_ids: Sequence[str]
+    ) -> Iterator[list[Milestone]]:
+        chosen = sorted(
+            (m for m in self.milestones.values() if since is None or m.modified_at >= since),
+            key=lambda m: (m.modified_at, m.id),
+        )
+        for i in range(0, max(len(chosen), 1), self.page_size):
+            self._op("milestones")
+            if chosen[i : i + self.page_size]:
+                yield [copy.copy(m) for m in chosen[i : i + self.page_size]]
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         self._op("comment")

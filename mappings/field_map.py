@@ -120,7 +120,7 @@ def compile_field_map(doc: LocatedYaml) -> tuple[CompiledFieldMap | None, list[P
     try:
         spec = FieldMap.model_validate(doc.data)
     except ValidationError as exc:
-        return None, problems_from_validation(exc, doc.path, doc.line_of, FieldMap)
+        return None, problems_from_validation(exc, doc, FieldMap)
     problems: list[Problem] = []
     templates: dict[str, Template] = {}
     referenced = set(_source_fields(spec)) | set(spec.read_fields)
@@ -156,17 +156,15 @@ def compile_field_map(doc: LocatedYaml) -> tuple[CompiledFieldMap | None, list[P
         templates[text] = _ENV.from_string(text)
     # Fields every deal carries without asking the CRM for them.
     referenced -= {"id", "status", "url", "modified_at"}
-    if problems:
-        return None, problems
-    return CompiledFieldMap(doc.path, spec, templates, sorted(referenced)), []
+    # The map is returned even with template problems, so callers can check the rest too.
+    return CompiledFieldMap(doc.path, spec, templates, sorted(referenced)), problems
 
 
 def load_field_map(path: str | Path) -> CompiledFieldMap:
     doc = load_yaml(path)
     compiled, problems = compile_field_map(doc)
-    if problems:
+    if problems or compiled is None:
         raise ProblemsFound(problems)
-    assert compiled is not None
     return compiled
 
 

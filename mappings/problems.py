@@ -7,9 +7,8 @@ errors are translated here so the whole product reports them one way.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
@@ -94,16 +93,21 @@ _FIXES: dict[str, str] = {
 }
 
 
+class Locator(Protocol):
+    path: str
+
+    def line_of(self, loc: tuple[Any, ...]) -> int | None: ...
+
+    def present(self, loc: tuple[Any, ...]) -> tuple[Any, ...]: ...
+
+
 def problems_from_validation(
-    exc: ValidationError,
-    file: str,
-    line_of: Callable[[tuple[Any, ...]], int | None],
-    model: type[BaseModel] | None = None,
-    prefix: tuple[Any, ...] = (),
+    exc: ValidationError, doc: Locator, model: type[BaseModel] | None = None
 ) -> list[Problem]:
     problems = []
+    file, line_of = doc.path, doc.line_of
     for err in exc.errors():
-        loc = prefix + tuple(err["loc"])
+        loc = doc.present(tuple(err["loc"]))
         kind = err["type"]
         if kind == "extra_forbidden":
             key = str(loc[-1])

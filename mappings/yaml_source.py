@@ -36,6 +36,24 @@ class LocatedYaml:
                 continue  # a discriminator tag or a key pydantic adds: skip it
         return line
 
+    def present(self, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+        """`loc` without the parts pydantic adds (union tags): only keys the file has,
+        plus the last part (a missing or unknown key is named as written)."""
+        node, kept = self.tree, []
+        for i, part in enumerate(loc):
+            if (
+                isinstance(node, dict)
+                and part in node
+                or isinstance(node, list)
+                and isinstance(part, int)
+                and part < len(node)
+            ):
+                node = node[part]
+                kept.append(part)
+            elif i == len(loc) - 1:
+                kept.append(part)
+        return tuple(kept)
+
     def value_line(self, loc: tuple[Any, ...]) -> int | None:
         """Line where the value at `loc` starts (block scalars start on the next line)."""
         *parent_loc, last = loc

@@ -40,6 +40,9 @@ class LinkRow(SQLModel, table=True):
     # Fingerprints of what we last wrote, per field: write only on difference (no echo).
     forward_prints: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     back_prints: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The project's milestones as last read: id -> [name, completed, completed_at, due_on].
+    milestones: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    next_due_on: str | None = Field(default=None, index=True)  # earliest open milestone due
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)
 

@@ -44,6 +44,8 @@ class Link:
     deal_status: str = "won"
     forward_prints: dict[str, str] = field(default_factory=dict)
     back_prints: dict[str, str] = field(default_factory=dict)
+    milestones: dict[str, list] = field(default_factory=dict)
+    next_due_on: str | None = None
 
 
 @dataclass
@@ -96,6 +98,8 @@ def _link(row: LinkRow) -> Link:
         deal_status=row.deal_status,
         forward_prints=dict(row.forward_prints or {}),
         back_prints=dict(row.back_prints or {}),
+        milestones=dict(row.milestones or {}),
+        next_due_on=row.next_due_on,
     )
 
 
@@ -248,6 +252,33 @@ class StateStore:
     def link(self, pipeline: str, deal_id: str) -> Link | None:
         return self.links_for(pipeline, [deal_id]).get(deal_id)
 
+    def links_by_project(self, pipeline: str, project_ids: Iterable[str]) -> dict[str, Link]:
+        ids = list(project_ids)
+        out: dict[str, Link] = {}
+        with Session(self.engine) as s:
+            for start in range(0, len(ids), 500):
+                rows = s.exec(
+                    select(LinkRow).where(
+                        LinkRow.pipeline == pipeline,
+                        LinkRow.project_id.in_(ids[start : start + 500]),  # type: ignore[union-attr]
+                    )
+                ).scalars()
+                out.update({r.project_id: _link(r) for r in rows if r.project_id})
+        return out
+
+    def links_due_before(self, pipeline: str, day: str) -> list[Link]:
+        """Linked projects with an open milestone due before `day` (they may be at risk)."""
+        with Session(self.engine) as s:
+            rows = s.exec(
+                select(LinkRow).where(
+                    LinkRow.pipeline == pipeline,
+                    LinkRow.state == "created",
+                    LinkRow.next_due_on.is_not(None),  # type: ignore[union-attr]
+                    LinkRow.next_due_on < day,  # type: ignore[operator]
+                )
+            ).scalars()
+            return [_link(r) for r in rows]
+
     def iter_links(self, pipeline: str, state: str | None = "created") -> Iterable[Link]:
         with Session(self.engine) as s:
             q = select(LinkRow).where(LinkRow.pipeline == pipeline)
@@ -305,6 +336,8 @@ class StateStore:
                     deal_status=link.deal_status,
                     forward_prints=link.forward_prints,
                     back_prints=link.back_prints,
+                    milestones=link.milestones,
+                    next_due_on=link.next_due_on,
                     updated_at=now,
                 )
             )

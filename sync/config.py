@@ -246,7 +246,7 @@ def load_config(path: str | Path) -> LoadedConfig:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems += problems_from_validation(exc, doc.path, doc.line_of, Config)
+        problems += problems_from_validation(exc, doc, Config)
         config = None
     mappings: dict[str, CompiledFieldMap] = {}
     if config is not None:
@@ -326,7 +326,7 @@ def _check_mapping(
                         "custom fields go under project.custom_fields",
                     )
                 )
-    if compiled and name:
+    if compiled and name and not problems:
         out[name] = compiled
     return problems
 

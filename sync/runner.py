@@ -19,6 +19,7 @@ from connectors.errors import ConnectorError, ErrorKind
 from connectors.registry import build_connector
 from connectors.secrets import redact
 from state.store import StateStore
+from sync.back import BackSync
 from sync.config import LoadedConfig, PipelineConfig, parse_duration
 from sync.forward import Counts, ForwardSync, PlannedAction, StopRun
 
@@ -42,6 +43,7 @@ class PipelineResult:
     duration_s: float = 0.0
     plan: list[PlannedAction] = field(default_factory=list)
     dry_run: bool = False
+    back: Counts = field(default_factory=Counts)
 
     def as_dict(self) -> dict[str, Any]:
         c = self.counts
@@ -57,6 +59,8 @@ class PipelineResult:
             "unwon": c.unwon,
             "dead_lettered": c.dead_lettered,
             "read": c.read,
+            "progress_written": self.back.updated,
+            "milestones_read": self.back.read,
             "api_calls": self.api_calls,
             "api_calls_total": sum(self.api_calls.values()),
             "duration_s": round(self.duration_s, 3),
@@ -163,6 +167,23 @@ def run_pipeline(
             finally:
                 result.counts.add(forward.counts)
                 result.plan += forward.plan
+        if pipeline.direction in ("back", "both") and not (kind == "backfill"):
+            back = BackSync(
+                pipeline=pipeline.name,
+                crm=crm,
+                tool=tool,
+                field_map=loaded.mappings[pipeline.name],
+                store=store,
+                overlap=parse_duration(pipeline.options.overlap),
+                batch_size=crm.write_batch_size,
+                dry_run=dry_run,
+                on_page=heartbeat,
+            )
+            try:
+                back.run()
+            finally:
+                result.back = back.counts
+                result.counts.dead_lettered += back.counts.dead_lettered
         result.status = "partial" if result.counts.dead_lettered else "ok"
     except StopRun as exc:
         result.status = "failed"
