@@ -167,7 +167,7 @@ def run_pipeline(
             finally:
                 result.counts.add(forward.counts)
                 result.plan += forward.plan
-        if pipeline.direction in ("back", "both") and not (kind == "backfill"):
+        if pipeline.direction in ("back", "both") and kind != "backfill":
             back = BackSync(
                 pipeline=pipeline.name,
                 crm=crm,
