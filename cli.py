@@ -277,6 +277,356 @@ def status(
     out.print(table)
 
 
+# -- dead letters, state, check, preview, backfill ---------------------------------------
+
+dlq_app = typer.Typer(help="Records parked as dead letters: list, retry, drop.")
+state_app = typer.Typer(help="The state store: cursors and links.")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(state_app, name="state")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    pipeline: Annotated[str | None, typer.Option("--pipeline", "-p")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Every parked record: pipeline, record, step, why, attempts, next automatic retry."""
+    loaded = _load(config)
+    store = _store(loaded)
+    items = store.dead_letters(pipeline)
+    store.close()
+    if as_json:
+        print(json.dumps({"dead_letters": [d.__dict__ for d in items]}, default=str))
+        return
+    table = Table(title=f"Dead letters ({len(items)})")
+    for col in ("id", "pipeline", "record", "step", "kind", "attempts", "reason"):
+        table.add_column(col, overflow="fold")
+    for d in items:
+        table.add_row(
+            str(d.id), d.pipeline, d.record_id, d.step, d.error_kind, str(d.attempts), d.message
+        )
+    out.print(table)
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    dead_letter: Annotated[int | None, typer.Argument(help="id from `dlq list`")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="retry every parked record")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Replay parked records now (after fixing the mapping or the data)."""
+    from sync.runner import Connections, exit_code, run_pipeline
+
+    if dead_letter is None and not all_:
+        err.print("name a dead letter id (see `handoff dlq list`) or pass --all")
+        raise typer.Exit(2)
+    loaded = _load(config)
+    store = _store(loaded)
+    chosen = store.dead_letters()
+    if dead_letter is not None:
+        chosen = [d for d in chosen if d.id == dead_letter]
+        if not chosen:
+            err.print(f"no dead letter with id {dead_letter} (see `handoff dlq list`)")
+            raise typer.Exit(2)
+    by_pipeline: dict[str, dict[str, list[str]]] = {}
+    for d in chosen:
+        by_pipeline.setdefault(d.pipeline, {}).setdefault(d.stream, []).append(d.record_id)
+    connections = Connections(loaded)
+    results = []
+    try:
+        for name, retry in by_pipeline.items():
+            try:
+                p = loaded.config.pipeline(name)
+            except KeyError:
+                err.print(f"pipeline '{name}' is no longer in {config}; drop its dead letters")
+                continue
+            results.append(
+                run_pipeline(loaded, p, store, connections, kind="dlq-retry", retry=retry)
+            )
+    finally:
+        connections.close()
+        store.close()
+    left = sum(r.counts.dead_lettered for r in results)
+    if as_json:
+        print(json.dumps({"pipelines": [r.as_dict() for r in results]}, default=str))
+    else:
+        out.print(f"retried {len(chosen)} record(s); {left} parked again")
+    raise typer.Exit(exit_code(results))
+
+
+@dlq_app.command("drop")
+def dlq_drop(
+    dead_letter: Annotated[int, typer.Argument(help="id from `dlq list`")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Forget a parked record (it will not be retried)."""
+    loaded = _load(config)
+    store = _store(loaded)
+    dropped = store.drop_dead_letter(dead_letter)
+    store.close()
+    if not dropped:
+        err.print(f"no dead letter with id {dead_letter}")
+        raise typer.Exit(2)
+    out.print(f"dropped dead letter {dead_letter}")
+
+
+@state_app.command("reset-cursor")
+def state_reset_cursor(
+    pipeline: Annotated[str, typer.Argument()],
+    to: Annotated[
+        str | None, typer.Option("--to", help="date (YYYY-MM-DD) to read from next time")
+    ] = None,
+    stream: Annotated[str, typer.Option("--stream", help="deals or milestones")] = "deals",
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Move a pipeline's cursor back (re-read is safe: nothing is created twice)."""
+    from datetime import UTC, datetime
+
+    from connectors.base import Cursor
+
+    loaded = _load(config)
+    _selected(loaded, pipeline)
+    store = _store(loaded)
+    if to:
+        try:
+            when = datetime.fromisoformat(to).replace(tzinfo=UTC)
+        except ValueError:
+            err.print(f"--to {to!r} is not a date — write YYYY-MM-DD")
+            raise typer.Exit(2) from None
+        store.set_cursor(pipeline, stream, Cursor(when, ""))
+        out.print(f"{pipeline}/{stream}: cursor set to {when.isoformat()}")
+    else:
+        store.set_cursor(pipeline, stream, None)
+        out.print(f"{pipeline}/{stream}: cursor cleared (next run starts from start_from)")
+    store.close()
+
+
+@state_app.command("export")
+def state_export(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    pipeline: Annotated[str | None, typer.Option("--pipeline", "-p")] = None,
+) -> None:
+    """Every deal-project link as CSV on stdout (for audit)."""
+    import csv
+
+    loaded = _load(config)
+    store = _store(loaded)
+    writer = csv.writer(sys.stdout)
+    writer.writerow(
+        ["pipeline", "deal_id", "state", "deal_status", "project_id", "project_name", "project_url"]
+    )
+    for p in _selected(loaded, pipeline):
+        for link in store.iter_links(p.name, state=None):
+            writer.writerow(
+                [
+                    link.pipeline,
+                    link.deal_id,
+                    link.state,
+                    link.deal_status,
+                    link.project_id,
+                    link.project_name,
+                    link.project_url,
+                ]
+            )
+    store.close()
+
+
+@app.command()
+def check(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    create_missing: Annotated[
+        bool, typer.Option("--create-missing", help="create missing HubSpot deal properties")
+    ] = False,
+) -> None:
+    """Reach every connection, confirm auth, and confirm the mapped deal fields exist."""
+    from sync.runner import Connections
+
+    loaded = _load(config)
+    connections = Connections(loaded)
+    failed = missing_any = False
+    try:
+        for name in loaded.config.connections:
+            try:
+                who = connections.get(name).check()
+                out.print(f"[green]ok[/green]   {name}: {redact(who)}")
+            except ConnectorError as exc:
+                failed = True
+                out.print(f"[red]fail[/red] {name}: {redact(str(exc))}")
+        for p in loaded.config.pipelines:
+            crm = connections.get(p.source)
+            fmap = loaded.mappings[p.name]
+            wanted = set(fmap.deal_fields) | set(fmap.spec.progress)
+            try:
+                have = crm.field_names()  # type: ignore[attr-defined]
+            except ConnectorError:
+                continue
+            missing = sorted(wanted - have)
+            if not missing:
+                out.print(
+                    f"[green]ok[/green]   {p.name}: all {len(wanted)} mapped deal fields exist"
+                )
+                continue
+            if create_missing and hasattr(crm, "create_properties"):
+                crm.create_properties(missing)  # type: ignore[attr-defined]
+                out.print(f"[green]created[/green] {p.name}: {', '.join(missing)}")
+                continue
+            missing_any = True
+            out.print(
+                f"[red]missing[/red] {p.name}: {', '.join(missing)} — create them in "
+                f"{crm.kind} (or `handoff check --create-missing` for HubSpot), "
+                "or fix the names in the mapping"
+            )
+    finally:
+        connections.close()
+    raise typer.Exit(3 if failed else (1 if missing_any else 0))
+
+
+@app.command()
+def preview(
+    pipeline: Annotated[str, typer.Argument()],
+    deal: Annotated[
+        str | None, typer.Option("--deal", help="deal id, fetched from the CRM")
+    ] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="a deal as JSON")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Show what the field map makes of one deal, and every mapping error for it."""
+    from datetime import UTC, datetime
+
+    from connectors.base import Deal, DealStatus
+    from mappings.field_map import map_deal
+    from sync.runner import Connections
+
+    loaded = _load(config)
+    p = _selected(loaded, pipeline)[0]
+    fmap = loaded.mappings[p.name]
+    if (deal is None) == (file is None):
+        err.print("give exactly one of --deal ID or --file deal.json")
+        raise typer.Exit(2)
+    if file is not None:
+        try:
+            raw = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            err.print(f"{file}: cannot read a deal from it: {exc}")
+            raise typer.Exit(2) from None
+        props = raw.get("properties", raw)
+        record = Deal(
+            str(raw.get("id", "preview")),
+            datetime.now(UTC),
+            DealStatus(raw.get("status", "won")),
+            props,
+        )
+    else:
+        connections = Connections(loaded)
+        try:
+            found = connections.get(p.source).get_deals([deal], fmap.deal_fields)  # type: ignore[attr-defined]
+        finally:
+            connections.close()
+        if not found:
+            err.print(f"{p.source}: no deal with id {deal}")
+            raise typer.Exit(1)
+        record = found[0]
+    result = map_deal(fmap, record)
+    if result.errors:
+        for e in result.errors:
+            err.print(f"{fmap.path}: {e}", markup=False)
+        err.print(f"{len(result.errors)} mapping error(s) for deal {record.id}")
+        raise typer.Exit(1)
+    spec = result.spec
+    table = Table(title=f"{p.name}: deal {record.id} ({record.status}) → project")
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    table.add_row("name", spec.name)
+    table.add_row("template", spec.template or "(none: created plainly)")
+    for k, v in spec.fields.items():
+        table.add_row(k, str(v))
+    for k, v in spec.custom_fields.items():
+        table.add_row(
+            f"custom: {k}",
+            str(v) + ("  (kept in sync)" if f"custom_fields.{k}" in result.synced else ""),
+        )
+    for m in spec.milestones:
+        table.add_row("milestone", f"{m.name} (due {m.due_on or '—'})")
+    out.print(table)
+
+
+@app.command()
+def backfill(
+    pipeline: Annotated[str, typer.Argument()],
+    since: Annotated[str, typer.Option("--since", help="YYYY-MM-DD")],
+    until: Annotated[str | None, typer.Option("--until", help="YYYY-MM-DD")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only; write nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Run a pipeline over a window without touching its cursor; resumable."""
+    from datetime import UTC, datetime
+
+    from sync.runner import Connections, exit_code, run_pipeline
+
+    def parse(text: str, flag: str) -> datetime:
+        try:
+            return datetime.fromisoformat(text).replace(tzinfo=UTC)
+        except ValueError:
+            err.print(f"{flag} {text!r} is not a date — write YYYY-MM-DD")
+            raise typer.Exit(2) from None
+
+    loaded = _load(config)
+    p = _selected(loaded, pipeline)[0]
+    start, end = parse(since, "--since"), (parse(until, "--until") if until else None)
+    store = _store(loaded)
+    connections = Connections(loaded)
+    try:
+        with _progress(err.is_terminal, f"backfill {p.name}") as tick:
+            result = run_pipeline(
+                loaded,
+                p,
+                store,
+                connections,
+                dry_run=dry_run,
+                kind="backfill",
+                since=start,
+                until=end,
+                on_progress=tick,
+            )
+    finally:
+        connections.close()
+        store.close()
+    if as_json:
+        payload = result.as_dict()
+        payload["plan"] = [a.__dict__ for a in result.plan]
+        print(json.dumps(payload, default=str))
+    else:
+        out.print(_results_table([result], "Backfill plan (dry run)" if dry_run else "Backfill"))
+        if dry_run:
+            out.print(_plan_table(result))
+        if result.error:
+            err.print(f"{result.name}: {result.error}")
+    raise typer.Exit(exit_code([result]))
+
+
+def _plan_table(result: Any) -> Table:
+    from collections import Counter
+
+    actions: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    for a in result.plan:
+        actions[a.action] += 1
+        calls.update(a.calls)
+    table = Table(title="What would happen")
+    table.add_column("action")
+    table.add_column("records", justify="right")
+    for action, n in sorted(actions.items()):
+        table.add_row(action, str(n))
+    for system, n in sorted({**dict(calls), **{}}.items()):
+        table.add_row(f"API calls: {system} (writes)", str(n))
+    for system, n in sorted(result.api_calls.items()):
+        table.add_row(f"API calls: {system} (reads made for the plan)", str(n))
+    return table
+
+
 # -- sandbox and demo ------------------------------------------------------------------------
 
 

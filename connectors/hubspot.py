@@ -388,6 +388,27 @@ class HubSpotCRM(CRM):
         )
         return {p.name for p in resp.results}
 
+    def create_properties(self, names: Sequence[str]) -> None:
+        """Create missing custom deal properties as single-line text (`check --create-missing`)."""
+        from hubspot.crm.properties import PropertyCreate
+
+        for name in names:
+            body = PropertyCreate(
+                name=name,
+                label=name.replace("_", " ").capitalize(),
+                type="string",
+                field_type="text",
+                group_name="dealinformation",
+                description="Written by Handoff from delivery progress",
+            )
+            # https://developers.hubspot.com/docs/api/crm/properties
+            self._call(
+                "properties.create",
+                lambda body=body: self.client.crm.properties.core_api.create(
+                    object_type="deals", property_create=body, _request_timeout=self.policy.timeout
+                ),
+            )
+
     def add_timeline_entry(self, deal_id: str, text: str) -> None:
         # https://developers.hubspot.com/docs/api/crm/notes - note associated to the deal
         # with the HubSpot-defined note→deal association type 214.

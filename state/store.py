@@ -85,6 +85,7 @@ class PageCommit:
     seen: list[tuple[str, datetime]] = field(default_factory=list)
     parked: list[Parked] = field(default_factory=list)
     resolved: list[str] = field(default_factory=list)  # record ids whose dead letter is cleared
+    dlq_stream: str | None = None  # stream of parked/resolved records (default: `stream`)
 
 
 def _link(row: LinkRow) -> Link:
@@ -377,11 +378,14 @@ class StateStore:
                     ),
                     params=rows,
                 )
-            if page.resolved:
+            # A record parked again in this same page keeps its dead letter (and its count).
+            resolved = set(page.resolved) - {p.record_id for p in page.parked}
+            if resolved:
                 s.exec(
                     delete(DeadLetterRow).where(  # type: ignore[call-overload]
                         DeadLetterRow.pipeline == page.pipeline,
-                        DeadLetterRow.record_id.in_(page.resolved),  # type: ignore[attr-defined]
+                        DeadLetterRow.stream == (page.dlq_stream or page.stream),
+                        DeadLetterRow.record_id.in_(sorted(resolved)),  # type: ignore[attr-defined]
                     )
                 )
             for p in page.parked:

@@ -130,6 +130,20 @@ class BackSync:
             raise StopRun(exc) from exc
         return self.counts
 
+    def retry(self, deal_ids: list[str]) -> Counts:
+        """Recompute and write progress for parked deals from their snapshots."""
+        links = self.store.links_for(self.pipeline, deal_ids)
+        self._commit.resolved += deal_ids  # unless parked again below
+        try:
+            for deal_id in deal_ids:
+                link = links.get(deal_id)
+                if link is not None and link.state == "created":
+                    self._recompute(link, set())
+            self._flush(None)
+        except ConnectorError as exc:
+            raise StopRun(exc) from exc
+        return self.counts
+
     def _current(self, link: Link) -> Link:
         held = self._pending.get(link.deal_id)
         return held.link if held else link

@@ -112,11 +112,33 @@ class ForwardSync:
             self.store.prune_seen(self.pipeline, self.stream, high.modified_at - self.overlap)
         return self.counts
 
+    def retry(self, deal_ids: list[str]) -> Counts:
+        """Re-apply parked deals as they are now in the CRM; the cursor does not move."""
+        try:
+            deals = self.crm.get_deals(deal_ids, self.field_map.deal_fields)
+        except ConnectorError as exc:
+            raise StopRun(exc) from exc
+        self.adopt_first = True  # a parked create may have reached the vendor
+        links = self.store.links_for(self.pipeline, deal_ids)
+        commit = PageCommit(self.pipeline, self.stream, dlq_stream=STREAM)
+        found = set()
+        for deal in deals:
+            found.add(deal.id)
+            self.counts.read += 1
+            self._apply(deal, links.get(deal.id), commit)
+            commit.resolved.append(deal.id)
+        for missing in set(deal_ids) - found:
+            self.log.warning("record.vanished", deal_id=missing, reason="deal no longer exists")
+            commit.resolved.append(missing)
+        if not self.dry_run:
+            self.store.commit_page(commit)
+        return self.counts
+
     def _apply_page(self, page: list[Deal], high: Any) -> Any:
         ids = [d.id for d in page]
         marks = self.store.seen_marks(self.pipeline, self.stream, ids)
         links = self.store.links_for(self.pipeline, ids)
-        commit = PageCommit(self.pipeline, self.stream)
+        commit = PageCommit(self.pipeline, self.stream, dlq_stream=STREAM)
         for deal in page:
             self.counts.read += 1
             if marks.get(deal.id) == deal.modified_at:
@@ -293,7 +315,7 @@ class ForwardSync:
         self.counts.dead_lettered += 1
         self._planned(record_id, "park", message)
         if not self.dry_run:
-            commit.parked.append(Parked(self.stream, record_id, step, str(kind), message))
+            commit.parked.append(Parked(STREAM, record_id, step, str(kind), message))
         log.warning("record.parked", step=step, error_kind=str(kind), reason=message)
 
     def _planned(

@@ -19,8 +19,10 @@ from connectors.errors import ConnectorError, ErrorKind
 from connectors.registry import build_connector
 from connectors.secrets import redact
 from state.store import StateStore
+from sync.back import STREAM as BACK_STREAM
 from sync.back import BackSync
 from sync.config import LoadedConfig, PipelineConfig, parse_duration
+from sync.forward import STREAM as FORWARD_STREAM
 from sync.forward import Counts, ForwardSync, PlannedAction, StopRun
 
 log = structlog.get_logger("handoff.runner")
@@ -92,6 +94,13 @@ class Connections:
             c.close()
 
 
+def backfill_stream(since: datetime | None, until: datetime | None) -> str:
+    def day(d: datetime | None) -> str:
+        return d.isoformat() if d else "-"
+
+    return f"backfill:{day(since)}:{day(until)}"
+
+
 def exit_code(results: list[PipelineResult]) -> int:
     if any(r.error_kind in (ErrorKind.AUTH, ErrorKind.UNREACHABLE) for r in results):
         return EXIT_UNREACHABLE
@@ -114,7 +123,10 @@ def run_pipeline(
     until: datetime | None = None,
     kind: str = "sync",
     on_progress: Callable[[int], None] | None = None,
+    retry: dict[str, list[str]] | None = None,
 ) -> PipelineResult:
+    """One run of one pipeline. `kind` is sync, backfill or dlq-retry (`retry` names the
+    parked records per stream to replay)."""
     owner = owner or new_owner()
     plog = log.bind(pipeline=pipeline.name)
     started = time.monotonic()
@@ -147,43 +159,63 @@ def run_pipeline(
                     ConnectorError("state", ErrorKind.UNREACHABLE, "lost the pipeline lease")
                 )
 
-        if pipeline.direction in ("forward", "both"):
-            forward = ForwardSync(
-                pipeline=pipeline.name,
-                crm=crm,
-                tool=tool,
-                field_map=loaded.mappings[pipeline.name],
-                store=store,
-                overlap=parse_duration(pipeline.options.overlap),
-                start_from=pipeline.options.start_from,
-                dry_run=dry_run,
-                on_progress=on_progress,
-                on_page=heartbeat,
-            )
-            if kind == "backfill":
-                forward.adopt_first = True
-            try:
-                forward.run(since=since, until=until)
-            finally:
-                result.counts.add(forward.counts)
-                result.plan += forward.plan
-        if pipeline.direction in ("back", "both") and kind != "backfill":
-            back = BackSync(
-                pipeline=pipeline.name,
-                crm=crm,
-                tool=tool,
-                field_map=loaded.mappings[pipeline.name],
-                store=store,
-                overlap=parse_duration(pipeline.options.overlap),
-                batch_size=crm.write_batch_size,
-                dry_run=dry_run,
-                on_page=heartbeat,
-            )
-            try:
-                back.run()
-            finally:
-                result.back = back.counts
-                result.counts.dead_lettered += back.counts.dead_lettered
+        fmap = loaded.mappings[pipeline.name]
+        overlap = parse_duration(pipeline.options.overlap)
+        forward = ForwardSync(
+            pipeline=pipeline.name,
+            crm=crm,
+            tool=tool,
+            field_map=fmap,
+            store=store,
+            overlap=overlap,
+            start_from=pipeline.options.start_from,
+            dry_run=dry_run,
+            on_progress=on_progress,
+            on_page=heartbeat,
+        )
+        back = BackSync(
+            pipeline=pipeline.name,
+            crm=crm,
+            tool=tool,
+            field_map=fmap,
+            store=store,
+            overlap=overlap,
+            batch_size=crm.write_batch_size,
+            dry_run=dry_run,
+            on_page=heartbeat,
+        )
+        if kind == "backfill":
+            # Its own checkpoint, so the incremental cursor is untouched and an interrupted
+            # backfill resumes where it stopped.
+            forward.adopt_first = True
+            forward.stream = backfill_stream(since, until)
+            checkpoint = store.get_cursor(pipeline.name, forward.stream)
+            if checkpoint is not None:
+                since = checkpoint.modified_at
+        do_forward = pipeline.direction in ("forward", "both")
+        do_back = pipeline.direction in ("back", "both") and kind != "backfill"
+        try:
+            if retry is None and not dry_run and kind == "sync":
+                # Transient failures parked earlier are retried once their backoff is due.
+                retry = {}
+                for dl in store.dead_letters(pipeline.name, due_only=True):
+                    retry.setdefault(dl.stream, []).append(dl.record_id)
+            if retry:
+                plog.info("dlq.retrying", records=sum(len(v) for v in retry.values()))
+                if retry.get(FORWARD_STREAM):
+                    forward.retry(retry[FORWARD_STREAM])
+                if retry.get(BACK_STREAM):
+                    back.retry(retry[BACK_STREAM])
+            if kind != "dlq-retry":
+                if do_forward:
+                    forward.run(since=since, until=until)
+                if do_back:
+                    back.run()
+        finally:
+            result.counts.add(forward.counts)
+            result.plan += forward.plan
+            result.back = back.counts
+            result.counts.dead_lettered += back.counts.dead_lettered
         result.status = "partial" if result.counts.dead_lettered else "ok"
     except StopRun as exc:
         result.status = "failed"
