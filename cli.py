@@ -627,6 +627,32 @@ def _plan_table(result: Any) -> Table:
     return table
 
 
+@app.command()
+def run(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="serve /healthz and /metrics here")
+    ] = None,
+    stop_timeout: Annotated[float, typer.Option(help="seconds to finish the page in hand")] = 60,
+) -> None:
+    """The daemon: run every pipeline on its schedule until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    from sync.scheduler import Daemon
+
+    loaded = _load(config)
+    daemon = Daemon(loaded, metrics_port=metrics_port)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    daemon.start()
+    if daemon.metrics_port is not None:
+        out.print(f"metrics on http://127.0.0.1:{daemon.metrics_port}/metrics")
+    done.wait()
+    daemon.stop(timeout=stop_timeout)
+
+
 # -- sandbox and demo ------------------------------------------------------------------------
 
 

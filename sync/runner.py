@@ -30,6 +30,10 @@ log = structlog.get_logger("handoff.runner")
 EXIT_OK, EXIT_PARKED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
+class Interrupted(Exception):
+    """The daemon is stopping: the page in hand is committed, the run ends here."""
+
+
 def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -124,6 +128,7 @@ def run_pipeline(
     kind: str = "sync",
     on_progress: Callable[[int], None] | None = None,
     retry: dict[str, list[str]] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> PipelineResult:
     """One run of one pipeline. `kind` is sync, backfill or dlq-retry (`retry` names the
     parked records per stream to replay)."""
@@ -154,6 +159,9 @@ def run_pipeline(
         assert isinstance(crm, CRM) and isinstance(tool, ProjectTool)
 
         def heartbeat() -> None:
+            # Called after each committed page: the place to stop cleanly on SIGTERM.
+            if should_stop and should_stop():
+                raise Interrupted()
             if not dry_run and not store.acquire_lease(pipeline.name, owner, ttl):
                 raise StopRun(
                     ConnectorError("state", ErrorKind.UNREACHABLE, "lost the pipeline lease")
@@ -217,6 +225,10 @@ def run_pipeline(
             result.back = back.counts
             result.counts.dead_lettered += back.counts.dead_lettered
         result.status = "partial" if result.counts.dead_lettered else "ok"
+    except Interrupted:
+        result.status = "interrupted"
+        result.error = "stopped at a page boundary on request; the next run resumes"
+        plog.warning("run.interrupted")
     except StopRun as exc:
         result.status = "failed"
         result.error = redact(str(exc.error))
