@@ -48,6 +48,10 @@ class LoopbackServer:
     def __init__(self, app: ASGIApp, port: int = 0, tls: TLSFiles | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit TCP_NODELAY on Linux. Without it, uvicorn's separate
+        # writes of headers and body meet the client's delayed ACK: ~40 ms per keep-alive
+        # request instead of well under 1 ms.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.tls = tls

@@ -1,0 +1,277 @@
+"""The whole sandbox: every vendor emulator on its own loopback port, seeded, plus a config
+that points Handoff at them (`handoff sandbox serve`, `handoff demo`, end-to-end tests).
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandbox.common import EmulatorControls
+from sandbox.serve import LoopbackServer, TLSFiles
+
+CRMS = ("hubspot", "salesforce")
+TOOLS = ("asana", "clickup")
+TOKEN_VARS = {
+    "hubspot": "SANDBOX_HUBSPOT_TOKEN",
+    "salesforce": "SANDBOX_SALESFORCE_TOKEN",
+    "asana": "SANDBOX_ASANA_TOKEN",
+    "clickup": "SANDBOX_CLICKUP_TOKEN",
+}
+
+
+@dataclass
+class Emulator:
+    system: str
+    state: Any
+    controls: EmulatorControls
+    server: LoopbackServer
+    token: str
+    base_url: str  # what a client is configured with (vendor path prefix included)
+
+
+def _available(system: str) -> bool:
+    try:
+        importlib.import_module(f"sandbox.{system}")
+    except ImportError:
+        return False
+    return True
+
+
+class SandboxStack:
+    """Start, seed and describe the emulators; write a Handoff config for them."""
+
+    def __init__(
+        self,
+        seed_deals: int = 200,
+        rng_seed: int = 7,
+        rate_limits: bool = False,
+        systems: tuple[str, ...] | None = None,
+        workdir: str | Path | None = None,
+    ) -> None:
+        self.seed_deals = seed_deals
+        self.rng = random.Random(rng_seed)
+        self.rate_limits = rate_limits
+        self.systems = tuple(s for s in (systems or CRMS + TOOLS) if _available(s))
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="handoff-sandbox-"))
+        self.emulators: dict[str, Emulator] = {}
+        self.tls: TLSFiles | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> SandboxStack:
+        for system in self.systems:
+            self.emulators[system] = _STARTERS[system](self)
+            if self.rate_limits:
+                self.emulators[system].controls.set_rate_limits(True)
+        return self
+
+    def stop(self) -> None:
+        for emu in self.emulators.values():
+            emu.server.stop()
+
+    def __enter__(self) -> SandboxStack:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {s: e.base_url for s, e in self.emulators.items()}
+
+    def __getitem__(self, system: str) -> Emulator:
+        return self.emulators[system]
+
+    def pairings(self) -> list[tuple[str, str]]:
+        return [(c, t) for c in CRMS for t in TOOLS if c in self.emulators and t in self.emulators]
+
+    # -- config -----------------------------------------------------------------------------
+    def secrets_path(self, config_path: str | Path) -> Path:
+        p = Path(config_path)
+        return p.with_name(p.stem + ".secrets.env")
+
+    def env(self) -> dict[str, str]:
+        return {TOKEN_VARS[s]: e.token for s, e in self.emulators.items()}
+
+    def write_config(
+        self,
+        path: str | Path,
+        *,
+        pairings: list[tuple[str, str]] | None = None,
+        state_url: str | None = None,
+        retry: dict[str, float] | None = None,
+        extra_options: dict[str, Any] | None = None,
+    ) -> Path:
+        """A config for these emulators; tokens go to a secrets file beside it."""
+        import io
+
+        from ruamel.yaml import YAML
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secrets = self.secrets_path(path)
+        secrets.write_text("".join(f"{k}={v}\n" for k, v in self.env().items()))
+        secrets.chmod(0o600)
+        connections = {s: _CONNECTION[s](self, e) for s, e in self.emulators.items()}
+        if retry:
+            for c in connections.values():
+                c["retry"] = dict(retry)
+        pipelines = []
+        for crm, tool in pairings or self.pairings():
+            options: dict[str, Any] = {"overlap": "2m", **(extra_options or {})}
+            pipelines.append(
+                {
+                    "name": f"{crm}-{tool}",
+                    "source": crm,
+                    "target": tool,
+                    "mapping": f"preset:{crm}-{tool}",
+                    "schedule": {"every": "5m"},
+                    "options": options,
+                }
+            )
+        config = {
+            "version": 1,
+            "state": {"url": state_url or "sqlite:///handoff-sandbox.db"},
+            "secrets_file": secrets.name,
+            "connections": connections,
+            "pipelines": pipelines,
+        }
+        header = (
+            "# Handoff config for the local sandbox (written by `handoff sandbox serve`).\n"
+            f"# Tokens are in {secrets.name}; the emulators live only while the sandbox runs.\n"
+        )
+        buf = io.StringIO()
+        YAML(typ="safe", pure=True).dump(config, buf)
+        path.write_text(header + buf.getvalue())
+        return path
+
+    # -- inspection (through the emulators' own HTTP APIs) ------------------------------------
+    def projects_table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="Projects in the sandbox project tools")
+        for col in ("tool", "project", "deal stamp", "url"):
+            table.add_column(col, overflow="fold")
+        for tool in TOOLS:
+            if tool in self.emulators:
+                for row in _PROJECTS[tool](self.emulators[tool])[:12]:
+                    table.add_row(tool, row["name"], row["stamp"] or "—", row.get("url") or "")
+        return table
+
+    def projects(self, tool: str) -> list[dict[str, Any]]:
+        """Every project in `tool`, read through its HTTP API: name, stamp, id."""
+        return _PROJECTS[tool](self.emulators[tool])
+
+
+# -- per-vendor wiring ------------------------------------------------------------------------
+
+
+def _serve(
+    stack: SandboxStack, system: str, state: Any, token: str, tls: bool = False, prefix: str = ""
+) -> Emulator:
+    module = importlib.import_module(f"sandbox.{system}")
+    controls = EmulatorControls()
+    app = module.create_app(state, controls)
+    tls_files = None
+    if tls:
+        if stack.tls is None:
+            stack.tls = TLSFiles.create(str(stack.workdir))
+        tls_files = stack.tls
+    server = LoopbackServer(app, tls=tls_files).start()
+    return Emulator(system, state, controls, server, token, server.base_url + prefix)
+
+
+def _start_hubspot(stack: SandboxStack) -> Emulator:
+    from sandbox.hubspot import HubSpotState
+
+    token = "pat-na1-sandbox-" + f"{stack.rng.getrandbits(32):08x}"
+    state = HubSpotState(tokens={token})
+    state.seed(stack.seed_deals, stack.rng)
+    return _serve(stack, "hubspot", state, token)
+
+
+def _start_asana(stack: SandboxStack) -> Emulator:
+    from sandbox.asana import AsanaState
+
+    token = "2/sandbox/" + f"{stack.rng.getrandbits(48):012x}"
+    state = AsanaState(tokens={token})
+    state.seed(stack.rng)
+    return _serve(stack, "asana", state, token, prefix="/api/1.0")
+
+
+_STARTERS: dict[str, Callable[[SandboxStack], Emulator]] = {
+    "hubspot": _start_hubspot,
+    "asana": _start_asana,
+}
+
+
+def _hubspot_connection(stack: SandboxStack, e: Emulator) -> dict[str, Any]:
+    return {
+        "kind": "hubspot",
+        "base_url": e.base_url,
+        "portal_url": e.base_url,
+        "auth": {"token": "${" + TOKEN_VARS["hubspot"] + "}"},
+    }
+
+
+def _asana_connection(stack: SandboxStack, e: Emulator) -> dict[str, Any]:
+    return {
+        "kind": "asana",
+        "base_url": e.base_url,
+        "auth": {"token": "${" + TOKEN_VARS["asana"] + "}"},
+        "workspace": "Acme Delivery",
+        "team": "Delivery",
+        "job_poll_seconds": 0.05,
+    }
+
+
+_CONNECTION: dict[str, Callable[[SandboxStack, Emulator], dict[str, Any]]] = {
+    "hubspot": _hubspot_connection,
+    "asana": _asana_connection,
+}
+
+
+def _asana_projects(e: Emulator) -> list[dict[str, Any]]:
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=e.base_url, headers={"Authorization": f"Bearer {e.token}"}) as c:
+        ws = c.get("/workspaces").json()["data"][0]["gid"]
+        params: dict[str, Any] = {
+            "workspace": ws,
+            "limit": 100,
+            "opt_fields": "name,permalink_url,custom_fields.name,custom_fields.text_value",
+        }
+        while True:
+            body = c.get("/projects", params=params).json()
+            for p in body["data"]:
+                stamp = next(
+                    (
+                        cf.get("text_value")
+                        for cf in p.get("custom_fields") or []
+                        if cf.get("name") == "Handoff deal"
+                    ),
+                    None,
+                )
+                out.append(
+                    {
+                        "id": p["gid"],
+                        "name": p["name"],
+                        "stamp": stamp,
+                        "url": p.get("permalink_url"),
+                    }
+                )
+            nxt = body.get("next_page")
+            if not nxt:
+                return out
+            params["offset"] = nxt["offset"]
+
+
+_PROJECTS: dict[str, Callable[[Emulator], list[dict[str, Any]]]] = {
+    "asana": _asana_projects,
+}
