@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from collections.abc import Iterator, Sequence
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.base import DealStamp, ProjectRef, ProjectSpec, ProjectTool
+from connectors.base import DealStamp, Milestone, ProjectRef, ProjectSpec, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
 from connectors.http import JsonApi, RateBudget, RetryPolicy, parse_retry_after
 
@@ -42,6 +42,9 @@ class AsanaSettings(BaseModel):
     requests_per_minute: int = Field(1500, ge=1)
     job_poll_seconds: float = Field(0.2, gt=0, description="interval when polling a job")
     job_timeout_seconds: float = Field(120, gt=0)
+    milestone_search: bool = Field(
+        True, description="read milestone changes with workspace search (paid workspaces)"
+    )
 
 
 class AsanaHttp:
@@ -95,6 +98,8 @@ class AsanaProjects(ProjectTool):
         self._templates: dict[str, str] | None = None
         self._fields: dict[str, dict[str, Any]] | None = None
         self._stamp_index: dict[str, ProjectRef] | None = None
+        self._search_works: bool | None = None
+        self._unstamped: dict[str, ProjectRef] = {}
 
     def close(self) -> None:
         self.api.client.close()
@@ -223,28 +228,36 @@ class AsanaProjects(ProjectTool):
             gid = self.api.request(
                 "POST", "/projects", route="POST /projects", json={"data": body}
             )["data"]["gid"]
-        # The stamp first: from here on the project can be found and adopted.
-        wanted = {stamp_field["gid"]} | {self._field(n)["gid"] for n in spec.custom_fields}
-        self._add_field_settings(gid, wanted)
-        update = {
-            **(_project_fields(spec.fields) if spec.template else {}),
-            "custom_fields": {
-                stamp_field["gid"]: stamp.marker,
-                **self._custom_values(spec.custom_fields),
-            },
-        }
-        data = self.api.request(
-            "PUT",
-            f"/projects/{gid}",
-            route="PUT /projects/{gid}",
-            json={"data": update},
-            params={"opt_fields": "name,permalink_url"},
-        )["data"]
-        if not spec.template:
-            self._add_structure(gid, spec)
-        ref = ProjectRef(gid, data.get("name", spec.name), data.get("permalink_url"))
-        if self._stamp_index is not None:
-            self._stamp_index[stamp.marker] = ref
+        # From here the project exists: any failure carries it, so the engine links it
+        # rather than releasing the claim (which would let a retry create a second one).
+        ref = ProjectRef(gid, spec.name)
+        try:
+            # The stamp first, alone: from here on the project can be found by stamp.
+            wanted = {stamp_field["gid"]} | {self._field(n)["gid"] for n in spec.custom_fields}
+            self._add_field_settings(gid, wanted)
+            data = self.api.request(
+                "PUT",
+                f"/projects/{gid}",
+                route="PUT /projects/{gid}",
+                json={"data": {"custom_fields": {stamp_field["gid"]: stamp.marker}}},
+                params={"opt_fields": "name,permalink_url"},
+            )["data"]
+            ref = ProjectRef(gid, data.get("name", spec.name), data.get("permalink_url"))
+            if self._stamp_index is not None:
+                self._stamp_index[stamp.marker] = ref
+            rest = {
+                **(_project_fields(spec.fields) if spec.template else {}),
+                "custom_fields": self._custom_values(spec.custom_fields),
+            }
+            if rest["custom_fields"] or len(rest) > 1:
+                self.api.request(
+                    "PUT", f"/projects/{gid}", route="PUT /projects/{gid}", json={"data": rest}
+                )
+            if not spec.template:
+                self._add_structure(gid, spec)
+        except ConnectorError as exc:
+            exc.project = ref  # type: ignore[attr-defined]
+            raise
         return ref
 
     def _instantiate(self, spec: ProjectSpec) -> str:
@@ -315,23 +328,47 @@ class AsanaProjects(ProjectTool):
             self.api.request("POST", "/tasks", route="POST /tasks", json={"data": task})
 
     # -- find / update ------------------------------------------------------------------------
-    def find_project(self, stamp: DealStamp) -> ProjectRef | None:
+    def find_project(self, stamp: DealStamp, name: str | None = None) -> ProjectRef | None:
         if self._stamp_index is None:
             stamp_gid = self._field(self.settings.stamp_field)["gid"]
             index: dict[str, ProjectRef] = {}
+            unstamped: dict[str, ProjectRef] = {}
             # https://developers.asana.com/reference/getprojectsforteam (archived included)
             for p in self._pages(
                 f"/teams/{self.team_gid}/projects",
                 "GET /teams/{gid}/projects",
                 opt_fields="name,permalink_url,custom_fields.gid,custom_fields.text_value",
             ):
-                for cf in p.get("custom_fields") or []:
-                    if cf.get("gid") == stamp_gid and cf.get("text_value"):
-                        index[cf["text_value"]] = ProjectRef(
-                            p["gid"], p.get("name", ""), p.get("permalink_url")
-                        )
-            self._stamp_index = index
-        return self._stamp_index.get(stamp.marker)
+                ref = ProjectRef(p["gid"], p.get("name", ""), p.get("permalink_url"))
+                marker = next(
+                    (
+                        cf.get("text_value")
+                        for cf in p.get("custom_fields") or []
+                        if cf.get("gid") == stamp_gid and cf.get("text_value")
+                    ),
+                    None,
+                )
+                if marker:
+                    index[marker] = ref
+                else:
+                    unstamped.setdefault(ref.name, ref)
+            self._stamp_index, self._unstamped = index, unstamped
+        found = self._stamp_index.get(stamp.marker)
+        if found is None and name is not None and name in self._unstamped:
+            found = self._unstamped.pop(name)
+            self._stamp(found.id, stamp)
+            self._stamp_index[stamp.marker] = found
+        return found
+
+    def _stamp(self, project_gid: str, stamp: DealStamp) -> None:
+        stamp_field = self._field(self.settings.stamp_field)
+        self._add_field_settings(project_gid, {stamp_field["gid"]})
+        self.api.request(
+            "PUT",
+            f"/projects/{project_gid}",
+            route="PUT /projects/{gid}",
+            json={"data": {"custom_fields": {stamp_field["gid"]: stamp.marker}}},
+        )
 
     def forget_index(self) -> None:
         self._stamp_index = None
@@ -346,6 +383,95 @@ class AsanaProjects(ProjectTool):
         self.api.request(
             "PUT", f"/projects/{project_id}", route="PUT /projects/{gid}", json={"data": body}
         )
+
+    # -- milestones ---------------------------------------------------------------------------
+    _MILESTONE_FIELDS = (
+        "name,resource_subtype,completed,completed_at,due_on,modified_at,projects.gid"
+    )
+
+    def read_milestone_changes(
+        self, since: datetime | None, project_ids: Sequence[str]
+    ) -> Iterator[list[Milestone]]:
+        wanted = set(project_ids)
+        if not wanted:
+            return
+        if self.settings.milestone_search and self._search_works is not False:
+            try:
+                yield from self._search_milestones(since, wanted)
+                self._search_works = True
+                return
+            except ConnectorError as exc:
+                if exc.status != 402:
+                    raise
+                # Search needs a paid workspace: read each linked project instead.
+                self._search_works = False
+        yield from self._project_milestones(since, sorted(wanted))
+
+    def _search_milestones(
+        self, since: datetime | None, wanted: set[str]
+    ) -> Iterator[list[Milestone]]:
+        """Workspace-wide task search: reads cost what changed, not what exists.
+
+        The search API has no pagination and returns at most 100 results
+        (https://developers.asana.com/reference/searchtasksforworkspace), so it is walked by
+        re-anchoring `modified_at.after` on the last result, de-duplicating the boundary.
+        """
+        anchor = since or datetime(2000, 1, 1, tzinfo=UTC)
+        # `modified_at.after` is exclusive: step back a millisecond to keep ties at `since`.
+        after = anchor - timedelta(milliseconds=1)
+        seen_at_anchor: set[str] = set()
+        while True:
+            tasks = self._get(
+                f"/workspaces/{self.workspace_gid}/tasks/search",
+                "GET /workspaces/{gid}/tasks/search",
+                resource_subtype="milestone",
+                **{"modified_at.after": after.isoformat().replace("+00:00", "Z")},
+                sort_by="modified_at",
+                sort_ascending="true",
+                opt_fields=self._MILESTONE_FIELDS,
+                limit=PAGE,
+            )
+            page = []
+            for t in tasks:
+                modified = _parse_dt(t["modified_at"])
+                key = f"{t['gid']}@{t['modified_at']}"
+                if key in seen_at_anchor:
+                    continue
+                seen_at_anchor.add(key)
+                for proj in t.get("projects") or []:
+                    if proj["gid"] in wanted:
+                        page.append(_milestone(t, proj["gid"], modified))
+            if page:
+                yield page
+            if len(tasks) < PAGE:
+                return
+            last = _parse_dt(tasks[-1]["modified_at"])
+            if last - timedelta(milliseconds=1) <= after:
+                # A full page sharing one timestamp: the anchor cannot move. Read the
+                # linked projects directly rather than loop.
+                yield from self._project_milestones(last, sorted(wanted))
+                after = last
+                continue
+            after = last - timedelta(milliseconds=1)
+            seen_at_anchor = {k for k in seen_at_anchor if k.endswith(tasks[-1]["modified_at"])}
+
+    def _project_milestones(
+        self, since: datetime | None, project_ids: Sequence[str]
+    ) -> Iterator[list[Milestone]]:
+        """One paged read per linked project (the fallback without search)."""
+        params: dict[str, Any] = {"opt_fields": self._MILESTONE_FIELDS}
+        if since is not None:
+            params["modified_since"] = since.isoformat().replace("+00:00", "Z")
+        for gid in project_ids:
+            page = [
+                _milestone(t, gid, _parse_dt(t["modified_at"]))
+                for t in self._pages(
+                    f"/projects/{gid}/tasks", "GET /projects/{gid}/tasks", **params
+                )
+                if t.get("resource_subtype") == "milestone"
+            ]
+            if page:
+                yield sorted(page, key=lambda m: (m.modified_at, m.id))
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         # https://developers.asana.com/reference/createstatusforobject
@@ -383,6 +509,24 @@ class AsanaProjects(ProjectTool):
         me = self._get("/users/me", "GET /users/me", opt_fields="name")
         self._field(self.settings.stamp_field)
         return f"Asana as {me.get('name', me['gid'])}: team {self.team_gid}"
+
+
+def _parse_dt(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _milestone(task: dict[str, Any], project_gid: str, modified: datetime) -> Milestone:
+    done_at = task.get("completed_at")
+    due = task.get("due_on")
+    return Milestone(
+        id=task["gid"],
+        project_id=project_gid,
+        name=task.get("name", ""),
+        completed=bool(task.get("completed")),
+        completed_at=_parse_dt(done_at) if done_at else None,
+        due_on=date.fromisoformat(due) if due else None,
+        modified_at=modified,
+    )
 
 
 def _iso_date(value: Any) -> str:

@@ -181,8 +181,12 @@ class ProjectTool(Connector):
         """Create the project, stamped so `find_project(stamp)` finds it again."""
 
     @abstractmethod
-    def find_project(self, stamp: DealStamp) -> ProjectRef | None:
-        """The project carrying this stamp, if one exists (archived ones included)."""
+    def find_project(self, stamp: DealStamp, name: str | None = None) -> ProjectRef | None:
+        """The project carrying this stamp, if one exists (archived ones included).
+
+        With `name`, a project of exactly that name and no stamp at all is adopted (and
+        stamped): a create that died before its stamp was written.
+        """
 
     @abstractmethod
     def update_project(self, project_id: str, spec: ProjectSpec) -> None:

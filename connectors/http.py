@@ -59,7 +59,11 @@ class _WaitRetryAfter(tenacity.wait.wait_base):
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, ConnectorError) and exc.kind is ErrorKind.TRANSIENT
+    return (
+        isinstance(exc, ConnectorError)
+        and exc.kind is ErrorKind.TRANSIENT
+        and getattr(exc, "retryable", True)
+    )
 
 
 def call_with_retry(
@@ -188,9 +192,17 @@ class JsonApi:
         route: str,
         params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
         json: Any = None,
+        idempotent: bool | None = None,
     ) -> Any:
-        """Send one request (retried when transient) and return the decoded JSON body."""
+        """Send one request (retried when transient) and return the decoded JSON body.
+
+        A non-idempotent request (a POST that creates) is retried only when the vendor
+        cannot have applied it: a 429, or a connection that never opened. Otherwise the
+        failure is returned as transient and the caller's claim-and-stamp protocol decides.
+        """
         system = self.vendor.system
+        if idempotent is None:
+            idempotent = method.upper() != "POST"
 
         def send() -> Any:
             self.budget.acquire()
@@ -217,9 +229,21 @@ class JsonApi:
                     system, ErrorKind.TRANSIENT, f"{route}: response was not JSON"
                 ) from exc
 
-        return call_with_retry(
-            system, self.policy, send, lambda e: translate_httpx(system, e), what=route
-        )
+        def translate(exc: Exception) -> ConnectorError | None:
+            err = translate_httpx(system, exc)
+            if err is not None and not idempotent and not isinstance(exc, httpx.ConnectError):
+                err.retryable = False  # type: ignore[attr-defined]
+            return err
+
+        def guarded() -> Any:
+            try:
+                return send()
+            except ConnectorError as err:
+                if not idempotent and err.status != 429:
+                    err.retryable = False  # type: ignore[attr-defined]
+                raise
+
+        return call_with_retry(system, self.policy, guarded, translate, what=route)
 
 
 def parse_retry_after(value: str | None) -> float | None:

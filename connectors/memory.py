@@ -149,7 +149,7 @@ class MemoryProjects(ProjectTool):
             raise transient(self.name, "create applied, response lost")
         return ref
 
-    def find_project(self, stamp: DealStamp) -> ProjectRef | None:
+    def find_project(self, stamp: DealStamp, name: str | None = None) -> ProjectRef | None:
         self._op("find")
         for p in self.projects.values():
             if p.stamp == stamp.marker:

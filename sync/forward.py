@@ -219,7 +219,8 @@ class ForwardSync:
         # (a crash or a concurrent run) or a pipeline with no cursor (first run, lost state).
         ref = None
         if self.adopt_first or not just_claimed:
-            ref = self._with_step("adopt", lambda: self.tool.find_project(stamp))
+            name = spec.name if not just_claimed else None
+            ref = self._with_step("adopt", lambda: self.tool.find_project(stamp, name))
         if ref is not None:
             self.counts.adopted += 1
             log.info("project.adopted", project_id=ref.id)
@@ -239,7 +240,24 @@ class ForwardSync:
             return self.tool.create_project(spec, stamp)
         except ConnectorError as exc:
             exc.step = "create"  # type: ignore[attr-defined]
-            if exc.kind is ErrorKind.RECORD:
+            made = getattr(exc, "project", None)
+            if made is not None:
+                # The project exists and is stamped; a later step was refused. Link it (with
+                # no fingerprints, so a retry writes every kept-in-sync field) and park.
+                self.store.save_link(
+                    Link(
+                        self.pipeline,
+                        deal.id,
+                        "created",
+                        made.id,
+                        made.name,
+                        made.url,
+                        str(deal.status),
+                    )
+                )
+                self.counts.created += 1
+                log.info("project.created", project_id=made.id, project=made.name, partial=True)
+            elif exc.kind is ErrorKind.RECORD:
                 # Refused outright: no project exists, so the claim may go.
                 self.store.drop_claim(self.pipeline, deal.id)
             # Transient: the project may exist (committed, response lost). The claim stays
