@@ -71,7 +71,8 @@ def main_options(
 
 def _fail_config(problems: ProblemsFound) -> typer.Exit:
     for p in problems.problems:
-        err.print(str(p), markup=False, highlight=False)
+        # One problem, one line, never wrapped: editors and CI annotate FILE:LINE.
+        err.print(str(p), markup=False, highlight=False, soft_wrap=True)
     n = len(problems.problems)
     err.print(f"{n} problem{'s' if n != 1 else ''} found; nothing was sent to any system.")
     return typer.Exit(2)
@@ -531,7 +532,7 @@ def preview(
     result = map_deal(fmap, record)
     if result.errors:
         for e in result.errors:
-            err.print(f"{fmap.path}: {e}", markup=False)
+            err.print(f"{fmap.path}: {e}", markup=False, soft_wrap=True)
         err.print(f"{len(result.errors)} mapping error(s) for deal {record.id}")
         raise typer.Exit(1)
     spec = result.spec

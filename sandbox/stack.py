@@ -57,7 +57,9 @@ class SandboxStack:
         self.seed_deals = seed_deals
         self.rng = random.Random(rng_seed)
         self.rate_limits = rate_limits
-        self.systems = tuple(s for s in (systems or CRMS + TOOLS) if _available(s))
+        self.systems = tuple(
+            s for s in (systems or CRMS + TOOLS) if s in _STARTERS and _available(s)
+        )
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="handoff-sandbox-"))
         self.emulators: dict[str, Emulator] = {}
         self.tls: TLSFiles | None = None
