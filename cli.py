@@ -706,7 +706,6 @@ def demo(
     import tempfile
 
     from sandbox.stack import SandboxStack
-
     from sync.config import load_config
 
     workdir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="handoff-demo-"))
