@@ -530,6 +530,16 @@ class StateStore:
             holder = s.get(LeaseRow, pipeline)
             return holder is not None and holder.owner == owner
 
+    def take_over_lease(self, pipeline: str, dead_owner: str, owner: str, ttl: timedelta) -> bool:
+        """Replace a holder known to be dead (compare-and-set on the owner)."""
+        with Session(self.engine) as s, s.begin():
+            res = s.exec(
+                update(LeaseRow)  # type: ignore[call-overload]
+                .where(LeaseRow.pipeline == pipeline, LeaseRow.owner == dead_owner)
+                .values(owner=owner, expires_at=utcnow() + ttl)
+            )
+            return bool(res.rowcount)
+
     def release_lease(self, pipeline: str, owner: str) -> None:
         with Session(self.engine) as s, s.begin():
             s.exec(

@@ -21,6 +21,7 @@ from connectors.base import CRM, Deal, DealStamp, DealStatus, ProjectSpec, Proje
 from connectors.errors import ConnectorError, ErrorKind
 from mappings.field_map import CompiledFieldMap, ForwardResult, deal_context, map_deal, render_text
 from state.store import Link, PageCommit, Parked, StateStore
+from sync.failpoints import failpoint
 
 STREAM = "deals"
 
@@ -226,6 +227,7 @@ class ForwardSync:
             log.info("project.adopted", project_id=ref.id)
         else:
             ref = self._create(spec, stamp, deal, log)
+            failpoint("after-create")  # the crash window the claim-and-stamp protocol closes
             self.counts.created += 1
             log.info("project.created", project_id=ref.id, project=ref.name)
         link.state, link.project_id = "created", ref.id

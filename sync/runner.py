@@ -98,6 +98,29 @@ class Connections:
             c.close()
 
 
+def _holder_is_dead(owner: str) -> bool:
+    """True when the lease holder was a process on this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine: only the lease expiry can tell
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _take_over_dead(store: StateStore, pipeline: str, owner: str, ttl: Any) -> bool:
+    holder = store.lease(pipeline)
+    if holder is None or not _holder_is_dead(holder.owner):
+        return False
+    log.warning("lease.taken_over", pipeline=pipeline, dead_holder=holder.owner)
+    return store.take_over_lease(pipeline, holder.owner, owner, ttl)
+
+
 def backfill_stream(since: datetime | None, until: datetime | None) -> str:
     def day(d: datetime | None) -> str:
         return d.isoformat() if d else "-"
@@ -140,7 +163,9 @@ def run_pipeline(
     result = PipelineResult(pipeline.name, "ok", dry_run=dry_run)
 
     if not dry_run:
-        if not store.acquire_lease(pipeline.name, owner, ttl):
+        if not store.acquire_lease(pipeline.name, owner, ttl) and not _take_over_dead(
+            store, pipeline.name, owner, ttl
+        ):
             holder = store.lease(pipeline.name)
             plog.info(
                 "run.skipped",
