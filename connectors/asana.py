@@ -360,6 +360,9 @@ class AsanaProjects(ProjectTool):
             self._stamp_index[stamp.marker] = found
         return found
 
+    def ensure_stamp(self, project_id: str, stamp: DealStamp) -> None:
+        self._stamp(project_id, stamp)
+
     def _stamp(self, project_gid: str, stamp: DealStamp) -> None:
         stamp_field = self._field(self.settings.stamp_field)
         self._add_field_settings(project_gid, {stamp_field["gid"]})
@@ -376,6 +379,11 @@ class AsanaProjects(ProjectTool):
     def update_project(self, project_id: str, spec: ProjectSpec) -> None:
         body: dict[str, Any] = _project_fields(spec.fields)
         if spec.custom_fields:
+            # A field can only be set once it is on the project (a create cut short, or a
+            # field added to the mapping later): add what is missing first.
+            self._add_field_settings(
+                project_id, {self._field(n)["gid"] for n in spec.custom_fields}
+            )
             body["custom_fields"] = self._custom_values(spec.custom_fields)
         if not body:
             return
@@ -496,6 +504,9 @@ class AsanaProjects(ProjectTool):
             route="PUT /projects/{gid}",
             json={"data": {"archived": True}},
         )
+
+    def update_cost(self, spec: ProjectSpec) -> int:
+        return 2 if spec.custom_fields else 1
 
     def create_cost(self, spec: ProjectSpec) -> int:
         # field settings read + one add per field + the stamping PUT

@@ -189,6 +189,10 @@ class ProjectTool(Connector):
         """
 
     @abstractmethod
+    def ensure_stamp(self, project_id: str, stamp: DealStamp) -> None:
+        """Make sure the project carries the stamp (a create cut short before stamping)."""
+
+    @abstractmethod
     def update_project(self, project_id: str, spec: ProjectSpec) -> None:
         """Apply the kept-in-sync parts of `spec` (fields/custom fields present) to the project."""
 

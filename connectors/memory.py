@@ -156,6 +156,10 @@ class MemoryProjects(ProjectTool):
                 return p.ref
         return None
 
+    def ensure_stamp(self, project_id: str, stamp: DealStamp) -> None:
+        self._op("stamp")
+        self.projects[project_id].stamp = stamp.marker
+
     def update_project(self, project_id: str, spec: ProjectSpec) -> None:
         after = self._op("update")
         p = self.projects.get(project_id)

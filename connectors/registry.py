@@ -5,6 +5,7 @@ Adding a system means adding its module and one entry here; nothing in `sync/` c
 
 from __future__ import annotations
 
+import importlib
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -12,23 +13,28 @@ from pydantic import Field
 from connectors.asana import PROJECT_FIELDS as ASANA_PROJECT_FIELDS
 from connectors.asana import AsanaSettings
 from connectors.base import CRM, ProjectTool
+from connectors.clickup import PROJECT_FIELDS as CLICKUP_PROJECT_FIELDS
+from connectors.clickup import ClickUpSettings
 from connectors.hubspot import HubSpotSettings
 
 Role = Literal["crm", "project_tool"]
 
 ConnectionSettings = Annotated[
-    HubSpotSettings | AsanaSettings,
+    HubSpotSettings | AsanaSettings | ClickUpSettings,
     Field(discriminator="kind"),
 ]
 
-CONNECTION_SETTINGS: dict[str, tuple[Role, type]] = {
-    "hubspot": ("crm", HubSpotSettings),
-    "asana": ("project_tool", AsanaSettings),
+# kind -> (role, settings model, "module:Class" built lazily so vendor SDKs load on use)
+CONNECTION_SETTINGS: dict[str, tuple[Role, type, str]] = {
+    "hubspot": ("crm", HubSpotSettings, "connectors.hubspot:HubSpotCRM"),
+    "asana": ("project_tool", AsanaSettings, "connectors.asana:AsanaProjects"),
+    "clickup": ("project_tool", ClickUpSettings, "connectors.clickup:ClickUpProjects"),
 }
 
 # Project-level fields a mapping may set (`project.fields.<name>`), per project tool.
 PROJECT_FIELDS: dict[str, frozenset[str]] = {
     "asana": ASANA_PROJECT_FIELDS,
+    "clickup": CLICKUP_PROJECT_FIELDS,
 }
 
 
@@ -38,12 +44,6 @@ def role_of(kind: str) -> Role:
 
 def build_connector(name: str, settings: Any) -> CRM | ProjectTool:
     """Construct the connector for a validated connection (no network call here)."""
-    if settings.kind == "hubspot":
-        from connectors.hubspot import HubSpotCRM
-
-        return HubSpotCRM(name, settings)
-    if settings.kind == "asana":
-        from connectors.asana import AsanaProjects
-
-        return AsanaProjects(name, settings)
-    raise ValueError(f"unknown connection kind {settings.kind!r}")
+    _, _, target = CONNECTION_SETTINGS[settings.kind]
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)(name, settings)

@@ -120,6 +120,10 @@ class SandboxStack:
         secrets.write_text("".join(f"{k}={v}\n" for k, v in self.env().items()))
         secrets.chmod(0o600)
         connections = {s: _CONNECTION[s](self, e) for s, e in self.emulators.items()}
+        if not self.rate_limits:
+            # The emulators enforce no limits: let the client pace itself no slower either.
+            for system, conn in connections.items():
+                conn.update(_UNPACED.get(system, {}))
         if retry:
             for c in connections.values():
                 c["retry"] = dict(retry)
@@ -206,9 +210,24 @@ def _start_asana(stack: SandboxStack) -> Emulator:
     return _serve(stack, "asana", state, token, prefix="/api/1.0")
 
 
+def _start_clickup(stack: SandboxStack) -> Emulator:
+    from sandbox.clickup import ClickUpState
+
+    token = (
+        "pk_"
+        + str(stack.rng.randrange(10**7, 10**8))
+        + "_SANDBOX"
+        + f"{stack.rng.getrandbits(32):08X}"
+    )
+    state = ClickUpState(tokens={token})
+    state.seed(stack.rng)
+    return _serve(stack, "clickup", state, token, prefix="/api/v2")
+
+
 _STARTERS: dict[str, Callable[[SandboxStack], Emulator]] = {
     "hubspot": _start_hubspot,
     "asana": _start_asana,
+    "clickup": _start_clickup,
 }
 
 
@@ -232,9 +251,28 @@ def _asana_connection(stack: SandboxStack, e: Emulator) -> dict[str, Any]:
     }
 
 
+def _clickup_connection(stack: SandboxStack, e: Emulator) -> dict[str, Any]:
+    return {
+        "kind": "clickup",
+        "base_url": e.base_url,
+        "auth": {"token": "${" + TOKEN_VARS["clickup"] + "}"},
+        "team": "Acme Delivery",
+        "space": "Client Delivery",
+        "folder": "Onboarding projects",
+    }
+
+
+_UNPACED: dict[str, dict[str, Any]] = {
+    "hubspot": {"requests_per_10s": 100_000, "search_per_second": 10_000},
+    "asana": {"requests_per_minute": 1_000_000},
+    "clickup": {"requests_per_minute": 1_000_000},
+    "salesforce": {"requests_per_second": 100_000},
+}
+
 _CONNECTION: dict[str, Callable[[SandboxStack, Emulator], dict[str, Any]]] = {
     "hubspot": _hubspot_connection,
     "asana": _asana_connection,
+    "clickup": _clickup_connection,
 }
 
 
@@ -274,6 +312,44 @@ def _asana_projects(e: Emulator) -> list[dict[str, Any]]:
             params["offset"] = nxt["offset"]
 
 
+def _clickup_projects(e: Emulator) -> list[dict[str, Any]]:
+    """Lists in the space, each with the stamp its deal-record task carries."""
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=e.base_url, headers={"Authorization": e.token}) as c:
+        team = c.get("/team").json()["teams"][0]["id"]
+        fields = c.get(f"/team/{team}/field").json()["fields"]
+        stamp_id = next(f["id"] for f in fields if f["name"] == "Handoff deal")
+        stamps: dict[str, str] = {}
+        page = 0
+        while True:
+            params = [("page", page), ("include_closed", "true"), ("subtasks", "true")]
+            tasks = c.get(f"/team/{team}/task", params=params).json()["tasks"]
+            for t in tasks:
+                for cf in t.get("custom_fields") or []:
+                    if cf["id"] == stamp_id and cf.get("value"):
+                        stamps.setdefault(t["list"]["id"], cf["value"])
+            if len(tasks) < 100:
+                break
+            page += 1
+        for space in c.get(f"/team/{team}/space").json()["spaces"]:
+            lists = list(c.get(f"/space/{space['id']}/list").json()["lists"])
+            for folder in c.get(f"/space/{space['id']}/folder").json()["folders"]:
+                lists += c.get(f"/folder/{folder['id']}/list").json()["lists"]
+            for lst in lists:
+                out.append(
+                    {
+                        "id": lst["id"],
+                        "name": lst["name"],
+                        "stamp": stamps.get(lst["id"]),
+                        "url": None,
+                    }
+                )
+    return out
+
+
 _PROJECTS: dict[str, Callable[[Emulator], list[dict[str, Any]]]] = {
     "asana": _asana_projects,
+    "clickup": _clickup_projects,
 }

@@ -24,6 +24,7 @@ from state.store import Link, PageCommit, Parked, StateStore
 from sync.failpoints import failpoint
 
 STREAM = "deals"
+PARTIAL = "__partial__"  # fingerprint key marking a project whose create was cut short
 
 
 def fingerprint(value: Any) -> str:
@@ -276,6 +277,9 @@ class ForwardSync:
     def _keep_in_sync(
         self, deal: Deal, link: Link, result: ForwardResult, commit: PageCommit, log: Any
     ) -> None:
+        if PARTIAL in link.forward_prints:
+            self._complete_partial(deal, link, result, commit, log)
+            return
         prints = {k: fingerprint(v) for k, v in result.synced.items()}
         changed = {
             k: v for k, v in result.synced.items() if link.forward_prints.get(k) != prints[k]
@@ -308,6 +312,23 @@ class ForwardSync:
         commit.resolved.append(deal.id)
         self.counts.updated += 1
         log.info("project.updated", project_id=link.project_id, fields=sorted(changed))
+
+    def _complete_partial(
+        self, deal: Deal, link: Link, result: ForwardResult, commit: PageCommit, log: Any
+    ) -> None:
+        """A create that was cut short after the project existed: apply the whole spec."""
+        assert result.spec is not None and link.project_id is not None
+        if self.dry_run:
+            self.counts.updated += 1
+            self._planned(deal.id, "update", "finish an interrupted create")
+            return
+        stamp = DealStamp(self.crm.kind, deal.id)
+        self._with_step("update", lambda: self.tool.ensure_stamp(link.project_id, stamp))
+        self._with_step("update", lambda: self.tool.update_project(link.project_id, result.spec))
+        link.forward_prints = {k: fingerprint(v) for k, v in result.synced.items()}
+        commit.link_updates.append(link)
+        self.counts.updated += 1
+        log.info("project.completed", project_id=link.project_id)
 
     def _apply_unwon(self, deal: Deal, link: Link, commit: PageCommit, log: Any) -> None:
         """Never delete: mark the link, log it, run the mapping's optional action."""
