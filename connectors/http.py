@@ -122,7 +122,14 @@ def call_with_retry(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return retrying(attempt)
+    try:
+        return retrying(attempt)
+    except ConnectorError as err:
+        if getattr(err, "connect_failed", False):
+            # Never got a connection, every try: the system is down or misaddressed. That
+            # stops the run (exit 3) instead of parking every record behind it.
+            err.kind = ErrorKind.UNREACHABLE
+        raise
 
 
 class RateBudget:
@@ -168,9 +175,11 @@ def translate_httpx(system: str, exc: Exception) -> ConnectorError | None:
     if isinstance(exc, httpx.TimeoutException):
         return ConnectorError(system, ErrorKind.TRANSIENT, f"timed out ({type(exc).__name__})")
     if isinstance(exc, httpx.TransportError):
-        return ConnectorError(
+        err = ConnectorError(
             system, ErrorKind.TRANSIENT, f"connection failed: {type(exc).__name__}: {exc}"
         )
+        err.connect_failed = isinstance(exc, httpx.ConnectError)  # type: ignore[attr-defined]
+        return err
     return None
 
 

@@ -120,7 +120,12 @@ class HubSpotCRM(CRM):
                 retry_after=retry_after,
             )
         if isinstance(exc, Urllib3Error | ConnectionError | TimeoutError | ApiException):
-            return ConnectorError(self.name, ErrorKind.TRANSIENT, f"{type(exc).__name__}: {exc}")
+            from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+            err = ConnectorError(self.name, ErrorKind.TRANSIENT, f"{type(exc).__name__}: {exc}")
+            reason = exc.reason if isinstance(exc, MaxRetryError) else exc
+            err.connect_failed = isinstance(reason, NewConnectionError)  # type: ignore[attr-defined]
+            return err
         return None
 
     def _call(self, what: str, fn: Callable[[], T], search: bool = False) -> T:

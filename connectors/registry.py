@@ -16,17 +16,19 @@ from connectors.base import CRM, ProjectTool
 from connectors.clickup import PROJECT_FIELDS as CLICKUP_PROJECT_FIELDS
 from connectors.clickup import ClickUpSettings
 from connectors.hubspot import HubSpotSettings
+from connectors.salesforce import SalesforceSettings
 
 Role = Literal["crm", "project_tool"]
 
 ConnectionSettings = Annotated[
-    HubSpotSettings | AsanaSettings | ClickUpSettings,
+    HubSpotSettings | SalesforceSettings | AsanaSettings | ClickUpSettings,
     Field(discriminator="kind"),
 ]
 
 # kind -> (role, settings model, "module:Class" built lazily so vendor SDKs load on use)
 CONNECTION_SETTINGS: dict[str, tuple[Role, type, str]] = {
     "hubspot": ("crm", HubSpotSettings, "connectors.hubspot:HubSpotCRM"),
+    "salesforce": ("crm", SalesforceSettings, "connectors.salesforce:SalesforceCRM"),
     "asana": ("project_tool", AsanaSettings, "connectors.asana:AsanaProjects"),
     "clickup": ("project_tool", ClickUpSettings, "connectors.clickup:ClickUpProjects"),
 }

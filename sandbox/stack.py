@@ -17,9 +17,18 @@ from sandbox.serve import LoopbackServer, TLSFiles
 
 CRMS = ("hubspot", "salesforce")
 TOOLS = ("asana", "clickup")
+# Deal fields the presets write progress into. A Salesforce admin creates them in Setup
+# (`handoff check` names any that are missing); the sandbox org comes with them.
+SALESFORCE_PROGRESS_FIELDS = (
+    ("Delivery_Progress__c", "percent"),
+    ("Delivery_Status__c", "text"),
+    ("Last_Milestone__c", "text"),
+    ("Next_Milestone_Due__c", "date"),
+)
+SALESFORCE_SECRET_VAR = "SANDBOX_SALESFORCE_CLIENT_SECRET"
 TOKEN_VARS = {
     "hubspot": "SANDBOX_HUBSPOT_TOKEN",
-    "salesforce": "SANDBOX_SALESFORCE_TOKEN",
+    "salesforce": "SANDBOX_SALESFORCE_REFRESH_TOKEN",
     "asana": "SANDBOX_ASANA_TOKEN",
     "clickup": "SANDBOX_CLICKUP_TOKEN",
 }
@@ -98,7 +107,12 @@ class SandboxStack:
         return p.with_name(p.stem + ".secrets.env")
 
     def env(self) -> dict[str, str]:
-        return {TOKEN_VARS[s]: e.token for s, e in self.emulators.items()}
+        env = {TOKEN_VARS[s]: e.token for s, e in self.emulators.items()}
+        if "salesforce" in self.emulators:
+            from sandbox.salesforce import DEFAULT_CLIENT_SECRET
+
+            env[SALESFORCE_SECRET_VAR] = DEFAULT_CLIENT_SECRET
+        return env
 
     def write_config(
         self,
@@ -210,6 +224,17 @@ def _start_asana(stack: SandboxStack) -> Emulator:
     return _serve(stack, "asana", state, token, prefix="/api/1.0")
 
 
+def _start_salesforce(stack: SandboxStack) -> Emulator:
+    from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_USERNAME, SalesforceState
+
+    state = SalesforceState(rng_seed=stack.rng.randrange(10**6))
+    for name, kind in SALESFORCE_PROGRESS_FIELDS:
+        state.add_custom_field("Opportunity", name, kind)
+    state.seed(stack.seed_deals, stack.rng)
+    token = state.issue_refresh_token(DEFAULT_CLIENT_ID, DEFAULT_USERNAME)
+    return _serve(stack, "salesforce", state, token, tls=True)
+
+
 def _start_clickup(stack: SandboxStack) -> Emulator:
     from sandbox.clickup import ClickUpState
 
@@ -226,6 +251,7 @@ def _start_clickup(stack: SandboxStack) -> Emulator:
 
 _STARTERS: dict[str, Callable[[SandboxStack], Emulator]] = {
     "hubspot": _start_hubspot,
+    "salesforce": _start_salesforce,
     "asana": _start_asana,
     "clickup": _start_clickup,
 }
@@ -251,6 +277,22 @@ def _asana_connection(stack: SandboxStack, e: Emulator) -> dict[str, Any]:
     }
 
 
+def _salesforce_connection(stack: SandboxStack, e: Emulator) -> dict[str, Any]:
+    from sandbox.salesforce import DEFAULT_CLIENT_ID
+
+    assert stack.tls is not None
+    return {
+        "kind": "salesforce",
+        "login_url": e.base_url,
+        "ca_bundle": stack.tls.ca_pem,
+        "auth": {
+            "client_id": DEFAULT_CLIENT_ID,
+            "client_secret": "${" + SALESFORCE_SECRET_VAR + "}",
+            "refresh_token": "${" + TOKEN_VARS["salesforce"] + "}",
+        },
+    }
+
+
 def _clickup_connection(stack: SandboxStack, e: Emulator) -> dict[str, Any]:
     return {
         "kind": "clickup",
@@ -271,6 +313,7 @@ _UNPACED: dict[str, dict[str, Any]] = {
 
 _CONNECTION: dict[str, Callable[[SandboxStack, Emulator], dict[str, Any]]] = {
     "hubspot": _hubspot_connection,
+    "salesforce": _salesforce_connection,
     "asana": _asana_connection,
     "clickup": _clickup_connection,
 }

@@ -245,8 +245,8 @@ class ForwardSync:
             exc.step = "create"  # type: ignore[attr-defined]
             made = getattr(exc, "project", None)
             if made is not None:
-                # The project exists and is stamped; a later step was refused. Link it (with
-                # no fingerprints, so a retry writes every kept-in-sync field) and park.
+                # The project exists (maybe without its stamp); a later step failed. Link it,
+                # marked partial so the retry stamps it and applies the whole spec, and park.
                 self.store.save_link(
                     Link(
                         self.pipeline,
@@ -256,6 +256,7 @@ class ForwardSync:
                         made.name,
                         made.url,
                         str(deal.status),
+                        forward_prints={PARTIAL: "1"},
                     )
                 )
                 self.counts.created += 1
