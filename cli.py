@@ -408,30 +408,34 @@ def state_reset_cursor(
 def state_export(
     config: ConfigOpt = DEFAULT_CONFIG,
     pipeline: Annotated[str | None, typer.Option("--pipeline", "-p")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="a JSON list instead of CSV")] = False,
 ) -> None:
     """Every deal-project link as CSV on stdout (for audit)."""
     import csv
 
+    columns = [
+        "pipeline",
+        "deal_id",
+        "state",
+        "deal_status",
+        "project_id",
+        "project_name",
+        "project_url",
+    ]
     loaded = _load(config)
     store = _store(loaded)
-    writer = csv.writer(sys.stdout)
-    writer.writerow(
-        ["pipeline", "deal_id", "state", "deal_status", "project_id", "project_name", "project_url"]
-    )
-    for p in _selected(loaded, pipeline):
-        for link in store.iter_links(p.name, state=None):
-            writer.writerow(
-                [
-                    link.pipeline,
-                    link.deal_id,
-                    link.state,
-                    link.deal_status,
-                    link.project_id,
-                    link.project_name,
-                    link.project_url,
-                ]
-            )
+    rows = [
+        [getattr(link, c) for c in columns]
+        for p in _selected(loaded, pipeline)
+        for link in store.iter_links(p.name, state=None)
+    ]
     store.close()
+    if as_json:
+        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows]))
+        return
+    writer = csv.writer(sys.stdout)
+    writer.writerow(columns)
+    writer.writerows(rows)
 
 
 @app.command()
@@ -470,7 +474,8 @@ def check(
                 )
                 continue
             if create_missing and hasattr(crm, "create_properties"):
-                crm.create_properties(missing)  # type: ignore[attr-defined]
+                types = {n: r.type for n, r in fmap.spec.progress.items() if r.type}
+                crm.create_properties(missing, types)  # type: ignore[attr-defined]
                 out.print(f"[green]created[/green] {p.name}: {', '.join(missing)}")
                 continue
             missing_any = True

@@ -393,16 +393,26 @@ class HubSpotCRM(CRM):
         )
         return {p.name for p in resp.results}
 
-    def create_properties(self, names: Sequence[str]) -> None:
-        """Create missing custom deal properties as single-line text (`check --create-missing`)."""
+    def create_properties(self, names: Sequence[str], types: dict[str, str] | None = None) -> None:
+        """Create missing custom deal properties (`check --create-missing`); `types` maps a
+        name to a mapping type (number, date, ...), text otherwise."""
         from hubspot.crm.properties import PropertyCreate
 
+        # https://developers.hubspot.com/docs/api/crm/properties (type / fieldType pairs)
+        kinds = {
+            "number": ("number", "number"),
+            "integer": ("number", "number"),
+            "date": ("date", "date"),
+            "datetime": ("datetime", "date"),
+            "bool": ("bool", "booleancheckbox"),
+        }
         for name in names:
+            prop_type, field_type = kinds.get((types or {}).get(name) or "", ("string", "text"))
             body = PropertyCreate(
                 name=name,
                 label=name.replace("_", " ").capitalize(),
-                type="string",
-                field_type="text",
+                type=prop_type,
+                field_type=field_type,
                 group_name="dealinformation",
                 description="Written by Handoff from delivery progress",
             )

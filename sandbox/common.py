@@ -182,7 +182,8 @@ class EmulatorMiddleware:
         request = Request(scope, receive)
         c = self.controls
         method = scope["method"]
-        is_write = method in WRITE_METHODS
+        classify = getattr(self.flavor, "is_write", None)
+        is_write = classify(request) if classify else method in WRITE_METHODS
         now = time.monotonic()
         with c.lock:
             faults = c.faults

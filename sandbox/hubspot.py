@@ -935,6 +935,10 @@ def _is_search(request: Request) -> bool:
     return request.method == "POST" and request.url.path.rstrip("/").endswith("/search")
 
 
+# POSTs that only read: they are counted as reads in the sandbox's stats.
+_READ_POSTS = ("/search", "/batch/read", "/oauth/v1/token")
+
+
 class HubSpotFlavor:
     """HubSpot's HTTP edge: per-token windows, its 429 body, its rate-limit headers.
 
@@ -944,6 +948,11 @@ class HubSpotFlavor:
 
     def __init__(self, controls: EmulatorControls | None = None) -> None:
         self.controls = controls
+
+    def is_write(self, request: Request) -> bool:
+        if request.method == "POST":
+            return not request.url.path.endswith(_READ_POSTS)
+        return request.method in ("PUT", "PATCH", "DELETE")
 
     def windows_for(self, request: Request, rates: RateLimitConfig) -> list[Window]:
         if request.url.path.startswith("/oauth/"):

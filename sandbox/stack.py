@@ -219,7 +219,8 @@ def _start_asana(stack: SandboxStack) -> Emulator:
     from sandbox.asana import AsanaState
 
     token = "2/sandbox/" + f"{stack.rng.getrandbits(48):012x}"
-    state = AsanaState(tokens={token})
+    # A paid workspace: milestone changes are read with workspace-wide search.
+    state = AsanaState(tokens={token}, premium=True)
     state.seed(stack.rng)
     return _serve(stack, "asana", state, token, prefix="/api/1.0")
 

@@ -1620,6 +1620,16 @@ class SalesforceFlavor:
         token = _bearer(request)
         return token is not None and self.state._session_valid(token)
 
+    def is_write(self, request: Request) -> bool:
+        """Logins and collection retrieves are POSTs that change nothing."""
+        path = request.url.path
+        if request.method == "POST":
+            return not (
+                path.startswith(("/services/oauth2/", "/services/Soap/"))
+                or (path.rstrip("/").count("/") >= 5 and "/composite/sobjects/" in path)
+            )
+        return request.method in ("PUT", "PATCH", "DELETE")
+
     def windows_for(self, request: Request, rates: RateLimitConfig) -> list[Window]:
         if not self._counted(request) or self.state.controls is None:
             return []

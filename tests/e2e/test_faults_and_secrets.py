@@ -23,8 +23,14 @@ def stack():
 
 def test_faulty_run_converges_and_leaks_no_secret(stack, tmp_path: Path):
     config = stack.write_config(tmp_path / "sb.yaml", retry=FAST_RETRY)
-    faults = dict(rate_429=0.15, retry_after=0.01, rate_5xx=0.15, rate_reset=0.05,
-                  rate_apply_then_fail=0.1, seed=7)
+    faults = dict(
+        rate_429=0.15,
+        retry_after=0.01,
+        rate_5xx=0.15,
+        rate_reset=0.05,
+        rate_apply_then_fail=0.1,
+        seed=7,
+    )
     for system in ("hubspot", "asana"):
         stack[system].controls.set_faults(**faults)
     logs = []

@@ -180,3 +180,31 @@ def test_dry_run_writes_nothing_anywhere(write_map, store):
     assert tool.projects == {} and store.get_cursor("p1", "deals") is None
     assert store.links_for("p1", list(crm.deals)) == {}
     assert [a.action for a in sync.plan].count("create") == 5
+
+
+def test_a_create_cut_short_after_the_project_exists_is_completed_and_stamped(write_map, store):
+    from connectors.base import DealStamp
+    from connectors.errors import ConnectorError, ErrorKind
+
+    class CutShort(MemoryProjects):
+        """Creates the project, then fails before stamping it (as a 502 mid-create would)."""
+
+        def create_project(self, spec, stamp):
+            ref = super().create_project(spec, stamp)
+            self.projects[ref.id].stamp = ""
+            err = ConnectorError("tool", ErrorKind.TRANSIENT, "502 after create", status=502)
+            err.project = ref
+            raise err
+
+    fmap = write_map()
+    crm, tool = MemoryCRM(), CutShort()
+    crm.put(won("1", T0, amount="5"))
+    first = engine(crm, tool, fmap, store).run()
+    assert first.dead_lettered == 1 and len(tool.projects) == 1
+    assert store.link("p1", "1").state == "created"  # linked: a retry will not create again
+    ForwardSync("p1", crm, tool, fmap, store, overlap=timedelta(minutes=5)).retry(["1"])
+    (project,) = tool.projects.values()
+    assert project.stamp == DealStamp(crm.kind, "1").marker
+    assert project.spec.custom_fields["Deal amount"] == 5
+    assert store.dead_letters("p1") == []
+    assert len(tool.projects) == 1
