@@ -136,8 +136,20 @@ def run_sync(
     return results
 
 
+def _RateColumn() -> Any:  # noqa: N802 - built lazily so Rich loads only when shown
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.1f}/s", style="progress.data.speed")
+
+    return RateColumn()
+
+
 class _progress:
-    """A Rich progress line on a terminal, nothing otherwise."""
+    """A Rich progress line (records, rate, elapsed) on a terminal, nothing otherwise."""
 
     def __init__(self, enabled: bool, label: str) -> None:
         self.enabled, self.label = enabled, label
@@ -159,6 +171,7 @@ class _progress:
             TextColumn("{task.description}"),
             MofNCompleteColumn(),
             TextColumn("deals"),
+            _RateColumn(),
             TimeElapsedColumn(),
             console=err,
             transient=True,
@@ -173,18 +186,14 @@ class _progress:
 
 
 def _results_table(results: list[Any], title: str) -> Table:
-    table = Table(title=title)
-    for col in (
-        "pipeline",
-        "status",
-        "created",
-        "updated",
-        "unchanged",
-        "skipped",
-        "parked",
-        "API calls",
-    ):
-        table.add_column(col, justify="right" if col not in ("pipeline", "status") else "left")
+    """One row per pipeline; fits 80 columns (operators read it in terminals and CI logs)."""
+    from rich import box
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("pipeline", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for col in ("new", "upd", "same", "skip", "parked", "prog", "calls"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         c = r.counts
         table.add_row(
@@ -195,8 +204,13 @@ def _results_table(results: list[Any], title: str) -> Table:
             str(c.unchanged),
             str(c.skipped),
             str(c.dead_lettered),
+            str(r.back.updated),
             str(sum(r.api_calls.values())),
         )
+    table.caption = (
+        "new/upd: projects created/updated · same: nothing to write · skip: not won · "
+        "prog: deals given new progress · calls: API calls"
+    )
     return table
 
 
@@ -252,6 +266,9 @@ def status(
                     "status": last.status,
                     "started_at": str(last.started_at),
                     "finished_at": str(last.finished_at),
+                    "duration_s": None
+                    if last.finished_at is None
+                    else round((last.finished_at - last.started_at).total_seconds(), 3),
                     "created": last.created,
                     "updated": last.updated,
                     "unchanged": last.unchanged,
@@ -266,11 +283,17 @@ def status(
         return
     table = Table(title="Pipelines")
     for col in ("pipeline", "cursor", "last run", "links", "parked", "running"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("pipeline", "cursor"))
     for r in rows:
-        cur = r["cursors"].get("deals", "—").split("|")[0][:19]
+        cur = r["cursors"].get("deals", "—").split("|")[0][:16].replace("T", " ")
         lr = r["last_run"]
-        last = "never" if lr is None else f"{lr['status']} {str(lr['finished_at'])[:19]}"
+        last = "never"
+        if lr is not None:
+            took = "" if lr["duration_s"] is None else f" {lr['duration_s']:.1f}s"
+            last = (
+                f"{lr['status']} {str(lr['started_at'])[5:16]}{took}\n"
+                f"+{lr['created']} ~{lr['updated']} !{lr['dead_lettered']}"
+            )
         links = ", ".join(f"{k} {v}" for k, v in r["links"].items()) or "0"
         table.add_row(
             r["name"], cur, last, links, str(r["parked"]), "yes" if r["running"] else "no"
@@ -438,6 +461,20 @@ def state_export(
     writer.writerows(rows)
 
 
+def create_missing_fields(loaded: Any, connections: Any) -> dict[str, list[str]]:
+    """Create mapped deal fields the CRM lacks, where the CRM allows it (HubSpot)."""
+    created: dict[str, list[str]] = {}
+    for p in loaded.config.pipelines:
+        crm = connections.get(p.source)
+        fmap = loaded.mappings[p.name]
+        missing = sorted((set(fmap.deal_fields) | set(fmap.spec.progress)) - crm.field_names())
+        if missing and hasattr(crm, "create_properties"):
+            types = {n: r.type for n, r in fmap.spec.progress.items() if r.type}
+            crm.create_properties(missing, types)
+            created[p.name] = missing
+    return created
+
+
 @app.command()
 def check(
     config: ConfigOpt = DEFAULT_CONFIG,
@@ -535,10 +572,14 @@ def preview(
             raise typer.Exit(1)
         record = found[0]
     result = map_deal(fmap, record)
-    if result.errors:
-        for e in result.errors:
-            err.print(f"{fmap.path}: {e}", markup=False, soft_wrap=True)
-        err.print(f"{len(result.errors)} mapping error(s) for deal {record.id}")
+    milestones = raw.get("milestones") if file is not None else _linked_milestones(loaded, p, deal)
+    progress_rows, progress_errors = _preview_progress(fmap, milestones, record.id)
+    errors = [*result.errors, *progress_errors]
+    if errors:
+        for e in errors:
+            fix = e.fix or "correct the value in the CRM, or change the field's rule in the map"
+            err.print(f"{fmap.path}: {e.field}: {e.message} — {fix}", markup=False, soft_wrap=True)
+        err.print(f"{len(errors)} mapping error(s) for deal {record.id}")
         raise typer.Exit(1)
     spec = result.spec
     table = Table(title=f"{p.name}: deal {record.id} ({record.status}) → project")
@@ -556,6 +597,69 @@ def preview(
     for m in spec.milestones:
         table.add_row("milestone", f"{m.name} (due {m.due_on or '—'})")
     out.print(table)
+    if progress_rows is not None:
+        back = Table(title=f"{p.name}: milestone progress → deal {record.id} fields")
+        back.add_column("deal field")
+        back.add_column("value", overflow="fold")
+        for k, v in progress_rows.items():
+            back.add_row(k, "" if v is None else str(v))
+        out.print(back)
+
+
+def _linked_milestones(loaded: Any, p: Any, deal_id: str | None) -> Any:
+    """The milestone snapshot of the deal's linked project, if it has one."""
+    if deal_id is None:
+        return None
+    store = _store(loaded)
+    try:
+        link = store.links_for(p.name, [deal_id]).get(deal_id)
+    finally:
+        store.close()
+    return None if link is None or not link.milestones else link.milestones
+
+
+def _preview_progress(
+    fmap: Any, milestones: Any, deal_id: str
+) -> tuple[dict[str, Any] | None, list[Any]]:
+    """The back flow for one deal: the progress fields the map writes, from milestones
+    given as a snapshot {id: [name, done, done_at, due]} or a list of
+    {name, completed, completed_at, due_on}."""
+    from datetime import UTC, datetime
+
+    from mappings.field_map import evaluate
+    from sync.back import compute_progress
+
+    if not fmap.spec.progress or milestones is None:
+        return None, []
+    if isinstance(milestones, list):
+        milestones = {
+            str(i): [
+                m.get("name", f"milestone {i}"),
+                bool(m.get("completed")),
+                m.get("completed_at"),
+                m.get("due_on"),
+            ]
+            for i, m in enumerate(milestones)
+        }
+    today = datetime.now(UTC).date()
+    progress = compute_progress(milestones, today)
+    context = {
+        "progress": progress.as_dict(),
+        "deal": {"id": deal_id},
+        "today": today,
+        "now": datetime.now(UTC),
+    }
+    rows: dict[str, Any] = {}
+    errors = []
+    for field_name, rule in fmap.spec.progress.items():
+        value, problem = evaluate(
+            fmap, f"progress.{field_name}", rule, context, context["progress"]
+        )
+        if problem is not None:
+            errors.append(problem)
+        else:
+            rows[field_name] = value
+    return rows, errors
 
 
 @app.command()
@@ -564,10 +668,18 @@ def backfill(
     since: Annotated[str, typer.Option("--since", help="YYYY-MM-DD")],
     until: Annotated[str | None, typer.Option("--until", help="YYYY-MM-DD")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only; write nothing")] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="read at most N deals now; run again to go on"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
-    """Run a pipeline over a window without touching its cursor; resumable."""
+    """Run a pipeline over a window without touching its cursor; resumable.
+
+    Interrupted (or stopped by --limit), the same command continues from its own
+    checkpoint and never creates a project twice. --dry-run writes nothing and prints
+    what would be created, updated and skipped, and the API calls the real run costs."""
     from datetime import UTC, datetime
 
     from sync.runner import Connections, exit_code, run_pipeline
@@ -596,40 +708,87 @@ def backfill(
                 since=start,
                 until=end,
                 on_progress=tick,
+                limit=limit,
             )
+    except ConnectorError as exc:
+        err.print(redact(str(exc)))
+        raise typer.Exit(3) from None
     finally:
         connections.close()
         store.close()
     if as_json:
         payload = result.as_dict()
-        payload["plan"] = [a.__dict__ for a in result.plan]
+        if dry_run:
+            payload["plan"] = [a.__dict__ for a in result.plan]
+            payload["predicted_api_calls"] = _predicted_calls(result)
+            payload["predicted_api_calls_total"] = sum(payload["predicted_api_calls"].values())
         print(json.dumps(payload, default=str))
     else:
-        out.print(_results_table([result], "Backfill plan (dry run)" if dry_run else "Backfill"))
         if dry_run:
             out.print(_plan_table(result))
+            out.print(_cost_table(result))
+        else:
+            out.print(_results_table([result], "Backfill"))
+        if limit is not None and result.counts.read >= limit:
+            out.print(f"stopped after --limit {limit} deals; run the same command to continue")
         if result.error:
             err.print(f"{result.name}: {result.error}")
     raise typer.Exit(exit_code([result]))
 
 
+_WHY = {
+    "create": "won, no project yet",
+    "adopt": "won; its stamped project exists: link it",
+    "adopt-or-create": "claimed earlier: adopt its project, or create",
+    "update": "kept-in-sync fields changed",
+    "unchanged": "linked, nothing to write",
+    "unwon": "no longer won: mark the link",
+    "park": "mapping or data error: parked",
+}
+
+
 def _plan_table(result: Any) -> Table:
+    """One row per action and reason: what the real run would do, and why."""
     from collections import Counter
 
-    actions: Counter[str] = Counter()
-    calls: Counter[str] = Counter()
+    rows: Counter[tuple[str, str]] = Counter()
     for a in result.plan:
-        actions[a.action] += 1
+        why = a.detail if a.action in ("skip", "park") else _WHY.get(a.action, "")
+        rows[(a.action, why)] += 1
+    order = ["create", "adopt", "adopt-or-create", "update", "unchanged", "unwon", "skip", "park"]
+    table = Table(title=f"Plan for {result.name} (dry run: nothing written)")
+    table.add_column("action", no_wrap=True)
+    table.add_column("deals", justify="right", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    ranked = sorted(rows.items(), key=lambda kv: (order.index(kv[0][0]), -kv[1], kv[0][1]))
+    for (action, why), n in ranked:
+        table.add_row(action, str(n), why)
+    if not rows:
+        table.add_row("—", "0", "no deals in the window")
+    return table
+
+
+def _predicted_calls(result: Any) -> dict[str, int]:
+    """The real run's API calls per connection: the reads this plan made (the real run
+    repeats them) plus each planned write's cost."""
+    from collections import Counter
+
+    calls: Counter[str] = Counter(result.api_calls)
+    for a in result.plan:
         calls.update(a.calls)
-    table = Table(title="What would happen")
-    table.add_column("action")
-    table.add_column("records", justify="right")
-    for action, n in sorted(actions.items()):
-        table.add_row(action, str(n))
-    for system, n in sorted({**dict(calls), **{}}.items()):
-        table.add_row(f"API calls: {system} (writes)", str(n))
-    for system, n in sorted(result.api_calls.items()):
-        table.add_row(f"API calls: {system} (reads made for the plan)", str(n))
+    return dict(calls)
+
+
+def _cost_table(result: Any) -> Table:
+    predicted = _predicted_calls(result)
+    table = Table(title="API calls the real run will make")
+    for col in ("system", "reads", "per deal", "total"):
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+    for system in sorted(predicted):
+        reads = result.api_calls.get(system, 0)
+        total = predicted[system]
+        table.add_row(system, str(reads), str(total - reads), str(total))
+    table.add_row("all", "", "", str(sum(predicted.values())), style="bold")
     return table
 
 
@@ -707,23 +866,52 @@ def demo(
         Path | None, typer.Option("--keep", help="keep config and state in this folder")
     ] = None,
 ) -> None:
-    """Start the emulators in-process, sync into a temp SQLite store, show the projects."""
+    """Run every CRM x project-tool pairing against local emulators, in seconds.
+
+    Emulators start in-process, a SQLite store goes in a temp folder; won deals become
+    projects, some milestones are completed, and the progress is written back to the deals.
+    """
     import tempfile
 
     from sandbox.stack import SandboxStack
+    from state.store import StateStore
     from sync.config import load_config
+    from sync.logs import configure_logging
+    from sync.runner import Connections
 
+    configure_logging(level="warning")  # the demo speaks through its tables
     workdir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="handoff-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     stack = SandboxStack(seed_deals=deals, rng_seed=7)
-    with _progress(err.is_terminal, "starting emulators and seeding"):
+    with _progress(err.is_terminal, "starting emulators and seeding deals"):
         stack.start()
     try:
-        cfg_path = stack.write_config(workdir / "handoff.yaml")
-        loaded = load_config(cfg_path)
+        loaded = load_config(stack.write_config(workdir / "handoff.yaml"))
+        connections = Connections(loaded)
+        try:
+            create_missing_fields(loaded, connections)  # as `handoff check --create-missing`
+        finally:
+            connections.close()
         results = run_sync(loaded, loaded.config.pipelines, dry_run=False)
-        out.print(_results_table(results, "Demo sync"))
-        out.print(stack.projects_table())
+        out.print(_results_table(results, "1. Won deals become projects"))
+
+        # The delivery teams get to work: a few milestones completed in a few projects.
+        store = StateStore(loaded.state_url)
+        touched: list[tuple[Any, Any, str]] = []
+        for p in loaded.config.pipelines:
+            for i, link in enumerate(list(store.iter_links(p.name))[:3]):
+                done = stack.complete_milestones(p.target, link.project_id, i + 1)
+                touched.append((p, link, done[-1] if done else ""))
+        store.close()
+        results = run_sync(loaded, loaded.config.pipelines, dry_run=False)
+        table = Table(title="2. Milestones completed -> progress written back onto the deals")
+        for col in ("pipeline", "project", "progress on the deal"):
+            table.add_column(col, overflow="fold")
+        for p, link, _ in touched:
+            pct, status, last = stack.deal_progress(p.source, link.deal_id)
+            table.add_row(p.name, link.project_name or "", f"{pct:g}% {status} (last: {last})")
+        out.print(table)
+        out.print(_results_table(results, "3. Second sync: only what changed"))
         out.print(f"config and state in {workdir}")
     finally:
         stack.stop()

@@ -509,10 +509,11 @@ class AsanaProjects(ProjectTool):
         return 2 if spec.custom_fields else 1
 
     def create_cost(self, spec: ProjectSpec) -> int:
-        # field settings read + one add per field + the stamping PUT
-        base = 2 + 1 + len(spec.custom_fields)
+        # settings read + one addCustomFieldSetting per field (the stamp's included) + the
+        # stamping PUT + the PUT of the other fields
+        base = 1 + (1 + len(spec.custom_fields)) + 1 + 1
         if spec.template:
-            return base + 2  # instantiate + at least one job poll
+            return base + 2  # instantiate + one job poll
         sections = len(set(spec.sections) | {m.section for m in spec.milestones if m.section})
         return base + 1 + sections + len(spec.milestones)
 

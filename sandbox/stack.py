@@ -25,6 +25,10 @@ SALESFORCE_PROGRESS_FIELDS = (
     ("Last_Milestone__c", "text"),
     ("Next_Milestone_Due__c", "date"),
 )
+PROGRESS_FIELDS = {
+    "hubspot": ("delivery_progress", "delivery_status", "last_milestone"),
+    "salesforce": ("Delivery_Progress__c", "Delivery_Status__c", "Last_Milestone__c"),
+}
 SALESFORCE_SECRET_VAR = "SANDBOX_SALESFORCE_CLIENT_SECRET"
 TOKEN_VARS = {
     "hubspot": "SANDBOX_HUBSPOT_TOKEN",
@@ -182,6 +186,68 @@ class SandboxStack:
                 for row in _PROJECTS[tool](self.emulators[tool])[:12]:
                     table.add_row(tool, row["name"], row["stamp"] or "—", row.get("url") or "")
         return table
+
+    def salesforce_http(self) -> Any:
+        """An httpx client on the Salesforce emulator's REST API with a fresh session."""
+        import httpx
+
+        e = self.emulators["salesforce"]
+        assert self.tls is not None
+        return httpx.Client(
+            base_url=e.base_url + "/services/data/v59.0",
+            headers={"Authorization": f"Bearer {e.state.issue_session()}"},
+            verify=self.tls.ca_pem,
+        )
+
+    def complete_milestones(self, tool: str, project_id: str, n: int) -> list[str]:
+        """Complete the first `n` milestones (by due date) through the tool's own API, as the
+        delivery team would; returns their names."""
+        import httpx
+
+        e = self.emulators[tool]
+        if tool == "asana":
+            auth = {"Authorization": f"Bearer {e.token}"}
+            with httpx.Client(base_url=e.base_url, headers=auth) as c:
+                tasks = c.get(
+                    f"/projects/{project_id}/tasks",
+                    params={"opt_fields": "name,resource_subtype,due_on", "limit": 100},
+                ).json()["data"]
+                todo = [t for t in tasks if t["resource_subtype"] == "milestone"]
+                todo.sort(key=lambda t: (t.get("due_on") or "", t["gid"]))
+                for t in todo[:n]:
+                    c.put(f"/tasks/{t['gid']}", json={"data": {"completed": True}})
+                return [t["name"] for t in todo[:n]]
+        with httpx.Client(base_url=e.base_url, headers={"Authorization": e.token}) as c:
+            params = [("custom_items[]", "1"), ("include_closed", "true"), ("subtasks", "true")]
+            tasks = c.get(f"/list/{project_id}/task", params=params).json()["tasks"]
+            tasks.sort(key=lambda t: (int(t.get("due_date") or 0), t["id"]))
+            statuses = c.get(f"/list/{project_id}").json()["statuses"]
+            closed = next(st["status"] for st in statuses if st["type"] == "closed")
+            for t in tasks[:n]:
+                c.put(f"/task/{t['id']}", json={"status": closed})
+            return [t["name"] for t in tasks[:n]]
+
+    def deal_progress(self, crm: str, deal_id: str) -> tuple[Any, Any, Any]:
+        """(percent, status, last milestone) on the deal, as the CRM's API returns them."""
+        import httpx
+
+        names = PROGRESS_FIELDS[crm]
+        if crm == "hubspot":
+            e = self.emulators["hubspot"]
+            body = httpx.get(
+                f"{e.base_url}/crm/v3/objects/deals/{deal_id}",
+                params={"properties": ",".join(names)},
+                headers={"Authorization": f"Bearer {e.token}"},
+            ).json()["properties"]
+        else:
+            with self.salesforce_http() as c:
+                body = c.get(f"/sobjects/Opportunity/{deal_id}").json()
+        pct = body.get(names[0])
+        return (
+            (float(pct) if pct not in (None, "") else None),
+            body.get(names[1]),
+            body.get(names[2]),
+        )
 
     def projects(self, tool: str) -> list[dict[str, Any]]:
         """Every project in `tool`, read through its HTTP API: name, stamp, id."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from connectors.base import CRM, Connector, ProjectTool
+from connectors.base import CRM, Connector, DealStamp, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
 from connectors.registry import build_connector
 from connectors.secrets import redact
@@ -128,6 +128,46 @@ def backfill_stream(since: datetime | None, until: datetime | None) -> str:
     return f"backfill:{day(since)}:{day(until)}"
 
 
+class _Limited:
+    """The CRM, reading at most `limit` deals (in cursor order) per run."""
+
+    def __init__(self, crm: CRM, limit: int) -> None:
+        self._crm, self._left = crm, max(0, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._crm, name)
+
+    def read_changed_deals(self, *args: Any, **kwargs: Any) -> Any:
+        if self._left <= 0:
+            return
+        for page in self._crm.read_changed_deals(*args, **kwargs):
+            page = page[: self._left]
+            self._left -= len(page)
+            if page:
+                yield page
+            if self._left <= 0:
+                return
+
+
+def _plan_lookups(forward: ForwardSync, crm: CRM, tool: ProjectTool) -> None:
+    """A real run that may find projects already made (a backfill, a first run) looks for
+    each deal's stamped project before creating it. The plan makes the same read-only lookups
+    (never the adopt-by-name fallback, which writes a stamp), so they are counted among the
+    plan's reads and a project that already exists is planned as adopted, not created."""
+    for action in forward.plan:
+        if action.action != "create":
+            continue
+        try:
+            ref = tool.find_project(DealStamp(crm.kind, action.deal_id), None)
+        except ConnectorError as exc:
+            raise StopRun(exc) from exc
+        if ref is not None:
+            action.action, action.calls = "adopt", {}
+            action.detail = f"{action.detail} (stamped project {ref.id} exists)"
+            forward.counts.created -= 1
+            forward.counts.adopted += 1
+
+
 def exit_code(results: list[PipelineResult]) -> int:
     if any(r.error_kind in (ErrorKind.AUTH, ErrorKind.UNREACHABLE) for r in results):
         return EXIT_UNREACHABLE
@@ -152,9 +192,11 @@ def run_pipeline(
     on_progress: Callable[[int], None] | None = None,
     retry: dict[str, list[str]] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    limit: int | None = None,
 ) -> PipelineResult:
     """One run of one pipeline. `kind` is sync, backfill or dlq-retry (`retry` names the
-    parked records per stream to replay)."""
+    parked records per stream to replay). `limit` reads at most that many deals; the cursor
+    (or backfill checkpoint) stops after the last one, so the next run continues there."""
     owner = owner or new_owner()
     plog = log.bind(pipeline=pipeline.name)
     started = time.monotonic()
@@ -196,7 +238,7 @@ def run_pipeline(
         overlap = parse_duration(pipeline.options.overlap)
         forward = ForwardSync(
             pipeline=pipeline.name,
-            crm=crm,
+            crm=_Limited(crm, limit) if limit is not None else crm,
             tool=tool,
             field_map=fmap,
             store=store,
@@ -242,6 +284,8 @@ def run_pipeline(
             if kind != "dlq-retry":
                 if do_forward:
                     forward.run(since=since, until=until)
+                    if dry_run and forward.adopt_first:
+                        _plan_lookups(forward, crm, tool)
                 if do_back:
                     back.run()
         finally:

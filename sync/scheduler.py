@@ -6,6 +6,7 @@ finished, the run is recorded as interrupted, and the lease released.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import UTC, datetime
@@ -142,6 +143,9 @@ class Daemon:
                 self._active -= 1
 
     def start(self) -> None:
+        # A job still running at its next tick is skipped by design (one instance per
+        # pipeline); APScheduler's plain-text warning about it would only be noise.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         now = datetime.now(UTC)
         for p in self.loaded.config.pipelines:
             if not p.enabled:

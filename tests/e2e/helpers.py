@@ -27,6 +27,15 @@ def handoff(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     )
 
 
+def create_progress_properties(stack: SandboxStack) -> None:
+    """What an operator does once per portal: `handoff check --create-missing`."""
+    import tempfile
+
+    config = stack.write_config(Path(tempfile.mkdtemp()) / "check.yaml")
+    proc = handoff("check", "--create-missing", "-c", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def sync_json(config: Path, *extra: str) -> dict[str, Any]:
     proc = handoff("sync", "-c", str(config), "--json", *extra)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
@@ -75,18 +84,8 @@ def writes(stack: SandboxStack, system: str) -> int:
     return httpx.get(e.server.base_url + "/_sandbox/stats", verify=False).json()["writes"]
 
 
-def salesforce_http(stack: SandboxStack) -> httpx.Client:
-    e = stack["salesforce"]
-    sid = e.state.issue_session()
-    return httpx.Client(
-        base_url=e.base_url + "/services/data/v59.0",
-        headers={"Authorization": f"Bearer {sid}"},
-        verify=stack.tls.ca_pem,
-    )
-
-
 def won_salesforce_deals(stack: SandboxStack) -> set[str]:
-    with salesforce_http(stack) as c:
+    with stack.salesforce_http() as c:
         body = c.get("/query", params={"q": "SELECT Id FROM Opportunity WHERE IsWon = true"}).json()
         won = {r["Id"] for r in body["records"]}
         while not body["done"]:
@@ -100,52 +99,8 @@ def won_deals(stack: SandboxStack, crm: str) -> set[str]:
 
 
 def complete_milestones(stack: SandboxStack, tool: str, project_id: str, n: int) -> list[str]:
-    """Complete the first `n` milestones of a project through the tool's own API."""
-    e = stack[tool]
-    if tool == "asana":
-        with httpx.Client(base_url=e.base_url, headers={"Authorization": f"Bearer {e.token}"}) as c:
-            tasks = c.get(
-                f"/projects/{project_id}/tasks",
-                params={"opt_fields": "name,resource_subtype,due_on", "limit": 100},
-            ).json()["data"]
-            milestones = [t for t in tasks if t["resource_subtype"] == "milestone"]
-            milestones.sort(key=lambda t: (t.get("due_on") or "", t["gid"]))
-            for t in milestones[:n]:
-                c.put(f"/tasks/{t['gid']}", json={"data": {"completed": True}}).raise_for_status()
-            return [t["name"] for t in milestones[:n]]
-    with httpx.Client(base_url=e.base_url, headers={"Authorization": e.token}) as c:
-        tasks = c.get(
-            f"/list/{project_id}/task",
-            params=[("custom_items[]", "1"), ("include_closed", "true"), ("subtasks", "true")],
-        ).json()["tasks"]
-        tasks.sort(key=lambda t: (int(t.get("due_date") or 0), t["id"]))
-        closed = next(
-            s["status"]
-            for s in c.get(f"/list/{project_id}").json()["statuses"]
-            if s["type"] == "closed"
-        )
-        for t in tasks[:n]:
-            c.put(f"/task/{t['id']}", json={"status": closed}).raise_for_status()
-        return [t["name"] for t in tasks[:n]]
-
-
-PROGRESS_FIELDS = {
-    "hubspot": ("delivery_progress", "delivery_status", "last_milestone"),
-    "salesforce": ("Delivery_Progress__c", "Delivery_Status__c", "Last_Milestone__c"),
-}
+    return stack.complete_milestones(tool, project_id, n)
 
 
 def deal_progress(stack: SandboxStack, crm: str, deal_id: str) -> tuple[Any, Any, Any]:
-    """(percent, status, last milestone) as the CRM's API returns them."""
-    names = PROGRESS_FIELDS[crm]
-    if crm == "hubspot":
-        e = stack["hubspot"]
-        body = httpx.get(
-            f"{e.base_url}/crm/v3/objects/deals/{deal_id}",
-            params={"properties": ",".join(names)},
-            headers={"Authorization": f"Bearer {e.token}"},
-        ).json()["properties"]
-        return float(body[names[0]]), body[names[1]], body[names[2]]
-    with salesforce_http(stack) as c:
-        body = c.get(f"/sobjects/Opportunity/{deal_id}").json()
-    return float(body[names[0]]), body[names[1]], body[names[2]]
+    return stack.deal_progress(crm, deal_id)

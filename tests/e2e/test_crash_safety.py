@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from sandbox.stack import SandboxStack
-from tests.e2e.helpers import REPO, handoff, stamps, won_hubspot_deals
+from tests.e2e.helpers import REPO, create_progress_properties, handoff, stamps, won_hubspot_deals
 
 
 @pytest.fixture(scope="module")
 def stack():
     with SandboxStack(seed_deals=120, rng_seed=23, systems=("hubspot", "asana")) as s:
+        create_progress_properties(s)
         # Slow the project tool a little so kills land mid-run, often mid-create.
         s["asana"].controls.set_faults(latency_ms=15)
         yield s

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.stack import SandboxStack
-from tests.e2e.helpers import handoff, stamps, won_hubspot_deals
+from tests.e2e.helpers import create_progress_properties, handoff, stamps, won_hubspot_deals
 
 FAST_RETRY = {"attempts": 6, "initial_wait": 0.01, "max_wait": 0.05, "max_retry_after": 0.05}
 
@@ -18,6 +18,7 @@ FAST_RETRY = {"attempts": 6, "initial_wait": 0.01, "max_wait": 0.05, "max_retry_
 @pytest.fixture(scope="module")
 def stack():
     with SandboxStack(seed_deals=150, rng_seed=31, systems=("hubspot", "asana")) as s:
+        create_progress_properties(s)
         yield s
 
 
