@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from connectors.base import DealStatus, DealUpdate
-from connectors.hubspot import HubSpotAuth, HubSpotCRM, HubSpotSettings
 from connectors.http import RetryPolicy
+from connectors.hubspot import HubSpotAuth, HubSpotCRM, HubSpotSettings
 from sandbox.hubspot import ENTERPRISE_PIPELINE_ID, HubSpotState, create_app
 from sandbox.serve import LoopbackServer
 
@@ -70,7 +70,8 @@ def test_won_is_resolved_from_the_pipelines_api_including_a_custom_pipeline(hubs
     state.seed(10, random.Random(1))
     pipeline = state.pipelines[ENTERPRISE_PIPELINE_ID]
     won_stage = next(
-        s for s in pipeline["stages"]
+        s
+        for s in pipeline["stages"]
         if s["metadata"]["isClosed"] == "true" and float(s["metadata"]["probability"]) == 1.0
     )
     assert won_stage["id"] != "closedwon"
