@@ -22,6 +22,7 @@ from state.store import Link, PageCommit, Parked, StateStore
 from sync.forward import Counts, StopRun, fingerprint
 
 STREAM = "milestones"
+HOLD_BATCHES = 100  # up to 10,000 HubSpot or 20,000 Salesforce deals held in memory
 
 
 @dataclass
@@ -118,7 +119,9 @@ class BackSync:
         try:
             for page in self.tool.read_milestone_changes(since, project_ids):
                 high = self._apply_page(page, high)
-                if len(self._pending) >= self.batch_size:
+                # Hold many vendor batches: a deal whose milestones arrive far apart
+                # in the change stream is then written once, not once per change.
+                if len(self._pending) >= self.batch_size * HOLD_BATCHES:
                     self._flush(high)
                 if self.on_page:
                     self.on_page()
