@@ -89,8 +89,13 @@ def test_salesforce_thousand_project_write_back_takes_five_collection_calls(
     write_map, store, tmp_path
 ):
     from connectors.salesforce import SalesforceAuth, SalesforceCRM, SalesforceSettings
-    from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_USERNAME
-    from sandbox.salesforce import SalesforceState, create_app
+    from sandbox.salesforce import (
+        DEFAULT_CLIENT_ID,
+        DEFAULT_CLIENT_SECRET,
+        DEFAULT_USERNAME,
+        SalesforceState,
+        create_app,
+    )
 
     state = SalesforceState()
     state.add_custom_field("Opportunity", "Delivery_Progress__c", "percent")
