@@ -23,10 +23,23 @@ def _redact_rendered(_logger: Any, _name: str, rendered: Any) -> Any:
     return redact(rendered) if isinstance(rendered, str) else rendered
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written (test runners swap and close it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(
     *, json_logs: bool | None = None, level: str = "info", stream: TextIO | None = None
 ) -> None:
-    stream = stream or sys.stderr
+    stream = stream or _CurrentStderr()  # type: ignore[assignment]
     as_json = json_logs if json_logs is not None else not stream.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -48,7 +61,7 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     # Libraries that log through stdlib logging (urllib3, httpx) must not print tokens either.
-    logging.basicConfig(level=logging.WARNING, stream=stream, force=True)
+    logging.basicConfig(level=logging.WARNING, stream=stream, force=True)  # type: ignore[arg-type]
     for handler in logging.getLogger().handlers:
         handler.addFilter(_RedactFilter())
 
