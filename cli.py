@@ -19,6 +19,7 @@ from rich.table import Table
 from connectors.errors import ConnectorError
 from connectors.secrets import redact
 from mappings.problems import ProblemsFound
+from state.errors import StateSchemaError
 
 app = typer.Typer(
     name="handoff",
@@ -394,6 +395,27 @@ def dlq_drop(
         err.print(f"no dead letter with id {dead_letter}")
         raise typer.Exit(2)
     out.print(f"dropped dead letter {dead_letter}")
+
+
+@state_app.command("migrate")
+def state_migrate(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+    """Bring the state database's schema up to date (run once per upgrade, before starting)."""
+    from state.errors import StateSchemaError
+    from state.store import StateStore
+
+    loaded = _load(config)
+    store = StateStore(loaded.state_url, create=False)
+    try:
+        before, after = store.migrate()
+    except StateSchemaError as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+    if before == after:
+        out.print(f"state schema already up to date (revision {after})")
+    else:
+        out.print(f"state schema migrated: {before or 'empty'} -> {after}")
 
 
 @state_app.command("reset-cursor")
@@ -925,6 +947,9 @@ def main() -> None:
     except ConnectorError as exc:
         err.print(redact(str(exc)))
         raise SystemExit(3) from None
+    except StateSchemaError as exc:  # the database is behind: `handoff state migrate`
+        err.print(str(exc), markup=False, highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from connectors.base import Cursor
+from state.errors import StateSchemaError
 from state.models import CursorRow, DeadLetterRow, LeaseRow, LinkRow, RunRow, SeenRow
 
 
@@ -151,12 +152,28 @@ def make_engine(url: str) -> Engine:
 class StateStore:
     """Cursors, links, seen marks, runs, dead letters and leases, in one SQL database."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, create: bool = True, auto_migrate: bool | None = None) -> None:
+        """`create` checks the schema at start-up (see `state.migrate`): SQLite is migrated
+        on first use; a server database that is behind raises `StateSchemaError`, naming
+        `handoff state migrate`. `auto_migrate` overrides that choice either way."""
         self.url = url
         self.engine = make_engine(url)
         self._dialect = self.engine.dialect.name
         if create:
-            SQLModel.metadata.create_all(self.engine)
+            from state.migrate import ensure_schema
+
+            auto = self._dialect == "sqlite" if auto_migrate is None else auto_migrate
+            try:
+                ensure_schema(self.engine, auto=auto)
+            except StateSchemaError:
+                self.engine.dispose()
+                raise
+
+    def migrate(self) -> tuple[str | None, str]:
+        """Bring the schema up to date (`handoff state migrate`): (revision before, after)."""
+        from state.migrate import upgrade
+
+        return upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -515,20 +532,43 @@ class StateStore:
             )
 
     # -- leases -------------------------------------------------------------------------------
+    # On PostgreSQL every lease decision uses the database's clock, so replicas on machines
+    # whose clocks disagree still agree on when a lease has expired.
+    def _now(self, s: Session) -> datetime:
+        if self._dialect == "postgresql":
+            return as_utc(s.exec(select(func.now())).scalar_one())  # type: ignore[call-overload,return-value]
+        return utcnow()
+
     def acquire_lease(self, pipeline: str, owner: str, ttl: timedelta) -> bool:
-        now = utcnow()
-        stmt = self._insert(LeaseRow.__table__).values(
-            pipeline=pipeline, owner=owner, expires_at=now + ttl
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["pipeline"],
-            set_={"owner": stmt.excluded.owner, "expires_at": stmt.excluded.expires_at},
-            where=or_(LeaseRow.__table__.c.expires_at < now, LeaseRow.__table__.c.owner == owner),
-        )
+        """Take the pipeline's lease if it is free, expired, or already ours (then renew it).
+
+        One statement: INSERT ... ON CONFLICT DO UPDATE ... WHERE (expired or ours) RETURNING.
+        PostgreSQL locks the conflicting row, re-checks the WHERE on its latest version and
+        returns a row only when this statement inserted or updated it, so of any number of
+        concurrent acquirers exactly one wins; SQLite serialises writers outright.
+        """
+        table = LeaseRow.__table__
         with Session(self.engine) as s, s.begin():
-            s.exec(stmt)
-            holder = s.get(LeaseRow, pipeline)
-            return holder is not None and holder.owner == owner
+            now = self._now(s)
+            stmt = self._insert(table).values(pipeline=pipeline, owner=owner, expires_at=now + ttl)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["pipeline"],
+                set_={"owner": stmt.excluded.owner, "expires_at": stmt.excluded.expires_at},
+                where=or_(table.c.expires_at < now, table.c.owner == owner),  # type: ignore[attr-defined]
+            ).returning(table.c.owner)  # type: ignore[attr-defined]
+            won = s.exec(stmt).scalar_one_or_none()  # type: ignore[call-overload]
+            return won == owner
+
+    def renew_lease(self, pipeline: str, owner: str, ttl: timedelta) -> bool:
+        """Extend a lease we hold. False when it is gone or another owner has it (lost)."""
+        with Session(self.engine) as s, s.begin():
+            now = self._now(s)
+            res = s.exec(
+                update(LeaseRow)  # type: ignore[call-overload]
+                .where(LeaseRow.pipeline == pipeline, LeaseRow.owner == owner)
+                .values(expires_at=now + ttl)
+            )
+            return bool(res.rowcount)
 
     def take_over_lease(self, pipeline: str, dead_owner: str, owner: str, ttl: timedelta) -> bool:
         """Replace a holder known to be dead (compare-and-set on the owner)."""
@@ -536,7 +576,7 @@ class StateStore:
             res = s.exec(
                 update(LeaseRow)  # type: ignore[call-overload]
                 .where(LeaseRow.pipeline == pipeline, LeaseRow.owner == dead_owner)
-                .values(owner=owner, expires_at=utcnow() + ttl)
+                .values(owner=owner, expires_at=self._now(s) + ttl)
             )
             return bool(res.rowcount)
 
@@ -549,6 +589,6 @@ class StateStore:
     def lease(self, pipeline: str) -> LeaseRow | None:
         with Session(self.engine) as s:
             row = s.get(LeaseRow, pipeline)
-            if row and as_utc(row.expires_at) > utcnow():  # type: ignore[operator]
+            if row and as_utc(row.expires_at) > self._now(s):  # type: ignore[operator]
                 return row
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -121,6 +122,39 @@ def _take_over_dead(store: StateStore, pipeline: str, owner: str, ttl: Any) -> b
     return store.take_over_lease(pipeline, holder.owner, owner, ttl)
 
 
+class _LeaseKeeper:
+    """Renews the pipeline's lease every ttl/3 in the background, so a slow page (rate
+    limits, long backoff) cannot outlive the lease; the next page boundary stops the run if a
+    renewal found the lease lost (taken over after expiry)."""
+
+    def __init__(self, store: StateStore, pipeline: str, owner: str, ttl: Any) -> None:
+        self.store, self.pipeline, self.owner, self.ttl = store, pipeline, owner, ttl
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease:{pipeline}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(self.ttl.total_seconds() / 3, 0.2)):
+            try:
+                if not self.store.renew_lease(self.pipeline, self.owner, self.ttl):
+                    self.lost = True
+                    return
+            except Exception as exc:  # the database is unreachable: expiry decides
+                log.warning("lease.renew_failed", pipeline=self.pipeline, error=redact(str(exc)))
+
+    def renew(self) -> bool:
+        """At a page boundary: still ours?"""
+        if self.lost:
+            return False
+        self.lost = not self.store.renew_lease(self.pipeline, self.owner, self.ttl)
+        return not self.lost
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def backfill_stream(since: datetime | None, until: datetime | None) -> str:
     def day(d: datetime | None) -> str:
         return d.isoformat() if d else "-"
@@ -218,6 +252,7 @@ def run_pipeline(
             result.error = "another run of this pipeline is in progress"
             return result
         store.mark_abandoned_runs(pipeline.name)
+    keeper = None if dry_run else _LeaseKeeper(store, pipeline.name, owner, ttl)
     run_id = None if dry_run else store.start_run(pipeline.name, kind, owner)
     plog.info("run.started", kind=kind, dry_run=dry_run)
     try:
@@ -229,7 +264,7 @@ def run_pipeline(
             # Called after each committed page: the place to stop cleanly on SIGTERM.
             if should_stop and should_stop():
                 raise Interrupted()
-            if not dry_run and not store.acquire_lease(pipeline.name, owner, ttl):
+            if keeper is not None and not keeper.renew():
                 raise StopRun(
                     ConnectorError("state", ErrorKind.UNREACHABLE, "lost the pipeline lease")
                 )
@@ -327,7 +362,9 @@ def run_pipeline(
                     "message": result.error,
                 },
             )
-        if not dry_run:
-            store.release_lease(pipeline.name, owner)
+        if keeper is not None:
+            keeper.stop()
+            if not keeper.lost:
+                store.release_lease(pipeline.name, owner)
     plog.info("run.finished", **{k: v for k, v in result.as_dict().items() if k != "name"})
     return result
