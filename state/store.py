@@ -87,6 +87,7 @@ class PageCommit:
     parked: list[Parked] = field(default_factory=list)
     resolved: list[str] = field(default_factory=list)  # record ids whose dead letter is cleared
     dlq_stream: str | None = None  # stream of parked/resolved records (default: `stream`)
+    dropped_claims: list[str] = field(default_factory=list)  # pending claims to release
 
 
 def _link(row: LinkRow) -> Link:
@@ -335,30 +336,80 @@ class StateStore:
                 return False, existing
         return True, Link(pipeline, deal_id, "pending", None)
 
+    def claim_many(self, pipeline: str, deal_ids: Sequence[str]) -> set[str]:
+        """Take many deals in one statement; returns the ids this call claimed (the others
+        were already linked or claimed by someone else)."""
+        if not deal_ids:
+            return set()
+        now = utcnow()
+        table = LinkRow.__table__
+        rows = [
+            {
+                "pipeline": pipeline,
+                "deal_id": d,
+                "state": "pending",
+                "deal_status": "won",
+                "forward_prints": {},
+                "back_prints": {},
+                "milestones": {},
+                "created_at": now,
+                "updated_at": now,
+            }
+            for d in dict.fromkeys(deal_ids)
+        ]
+        stmt = (
+            self._insert(table)
+            .on_conflict_do_nothing(index_elements=["pipeline", "deal_id"])
+            .returning(table.c.deal_id)
+        )
+        # executemany + RETURNING (SQLAlchemy's "insertmanyvalues"): one cached statement,
+        # batched on the wire; only the rows actually inserted come back.
+        with self.engine.begin() as conn:
+            return {r[0] for r in conn.execute(stmt, rows)}
+
     def save_link(self, link: Link) -> None:
         """Record a created/adopted project at once, outside the page transaction."""
         with Session(self.engine) as s, s.begin():
             self._update_links(s, [link])
 
+    _LINK_COLUMNS = (
+        "state",
+        "project_id",
+        "project_name",
+        "project_url",
+        "deal_status",
+        "forward_prints",
+        "back_prints",
+        "milestones",
+        "next_due_on",
+    )
+
     def _update_links(self, s: Session, links: Sequence[Link]) -> None:
-        now = utcnow()
-        for link in links:
-            s.exec(
-                update(LinkRow)  # type: ignore[call-overload]
-                .where(LinkRow.pipeline == link.pipeline, LinkRow.deal_id == link.deal_id)
-                .values(
-                    state=link.state,
-                    project_id=link.project_id,
-                    project_name=link.project_name,
-                    project_url=link.project_url,
-                    deal_status=link.deal_status,
-                    forward_prints=link.forward_prints,
-                    back_prints=link.back_prints,
-                    milestones=link.milestones,
-                    next_due_on=link.next_due_on,
-                    updated_at=now,
-                )
+        """One executemany for a page's links (Core, not the ORM: this is the hot path)."""
+        if not links:
+            return
+        from sqlalchemy import bindparam
+
+        c = LinkRow.__table__.c
+        stmt = (
+            update(LinkRow.__table__)
+            .where(c.pipeline == bindparam("k_pipeline"), c.deal_id == bindparam("k_deal"))
+            .values(
+                updated_at=bindparam("v_updated_at"),
+                **{col: bindparam(f"v_{col}") for col in self._LINK_COLUMNS},
             )
+        )
+        now = utcnow()
+        params = [
+            {
+                "k_pipeline": link.pipeline,
+                "k_deal": link.deal_id,
+                "v_updated_at": now,
+                **{f"v_{col}": getattr(link, col) for col in self._LINK_COLUMNS},
+            }
+            for link in links
+        ]
+        s.connection().execute(stmt, params)
 
     def drop_claim(self, pipeline: str, deal_id: str) -> None:
         """Release a pending claim whose create was refused outright (nothing was created)."""
@@ -375,6 +426,14 @@ class StateStore:
     def commit_page(self, page: PageCommit) -> None:
         now = utcnow()
         with Session(self.engine) as s, s.begin():
+            if page.dropped_claims:
+                s.exec(
+                    delete(LinkRow).where(  # type: ignore[call-overload]
+                        LinkRow.pipeline == page.pipeline,
+                        LinkRow.deal_id.in_(page.dropped_claims),  # type: ignore[attr-defined]
+                        LinkRow.state == "pending",
+                    )
+                )
             if page.link_updates:
                 self._update_links(s, page.link_updates)
             if page.seen:

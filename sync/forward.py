@@ -83,6 +83,7 @@ class ForwardSync:
     plan: list[PlannedAction] = field(default_factory=list)
     stream: str = STREAM
     adopt_first: bool = False  # look for stamped projects before every create
+    _claimed_now: set[str] = field(default_factory=set)  # claims this page took
 
     def __post_init__(self) -> None:
         self.log = self.log.bind(pipeline=self.pipeline)
@@ -141,6 +142,22 @@ class ForwardSync:
         marks = self.store.seen_marks(self.pipeline, self.stream, ids)
         links = self.store.links_for(self.pipeline, ids)
         commit = PageCommit(self.pipeline, self.stream, dlq_stream=STREAM)
+        self._claimed_now = set()
+        if not self.dry_run:
+            # Claim every new won deal of the page in one statement, before any create: the
+            # durable half of claim-and-stamp. Their links land with the page commit.
+            wanted = [
+                d.id
+                for d in page
+                if d.status is DealStatus.WON
+                and d.id not in links
+                and marks.get(d.id) != d.modified_at
+            ]
+            self._claimed_now = self.store.claim_many(self.pipeline, wanted)
+            taken_elsewhere = [i for i in wanted if i not in self._claimed_now]
+            links.update(self.store.links_for(self.pipeline, taken_elsewhere))
+            for deal_id in self._claimed_now:
+                links[deal_id] = Link(self.pipeline, deal_id, "pending", None)
         for deal in page:
             self.counts.read += 1
             if marks.get(deal.id) == deal.modified_at:
@@ -175,6 +192,8 @@ class ForwardSync:
     def _apply_won(self, deal: Deal, link: Link | None, commit: PageCommit, log: Any) -> None:
         result = map_deal(self.field_map, deal, self._today)
         if result.errors:
+            if deal.id in self._claimed_now:
+                commit.dropped_claims.append(deal.id)  # nothing will be created for it
             message = "; ".join(str(e) for e in result.errors)
             self._park(commit, deal.id, "map", ErrorKind.RECORD, message, log)
             return
@@ -210,8 +229,8 @@ class ForwardSync:
                 self.counts.adopted += 1
                 self._planned(deal.id, "adopt-or-create", spec.name, {self.tool.name: 1})
             return
-        just_claimed = False
-        if link is None:
+        just_claimed = deal.id in self._claimed_now
+        if link is None:  # a retry: nothing was claimed for the page
             just_claimed, link = self.store.claim(self.pipeline, deal.id)
             if not just_claimed and link.state != "pending":
                 # Another run linked it between our read and our claim: nothing to create.
@@ -235,7 +254,9 @@ class ForwardSync:
         link.project_name, link.project_url = ref.name, ref.url
         link.deal_status = str(deal.status)
         link.forward_prints = {k: fingerprint(v) for k, v in result.synced.items()}
-        self.store.save_link(link)  # at once: the smallest window between create and link
+        # With the page commit: a crash before it leaves a pending claim and a stamped
+        # project, which the next run adopts.
+        commit.link_updates.append(link)
         commit.resolved.append(deal.id)
 
     def _create(self, spec: ProjectSpec, stamp: DealStamp, deal: Deal, log: Any) -> Any:
