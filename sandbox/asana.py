@@ -51,10 +51,17 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from sandbox.common import EmulatorControls, EmulatorMiddleware, RateLimitConfig, Window
+from sandbox.common import (
+    EmulatorControls,
+    EmulatorMiddleware,
+    RateLimitConfig,
+    Window,
+    bearer_token,
+    route_template,
+)
 
 BASE_PATH = "/api/1.0"
 
@@ -1402,11 +1409,7 @@ class _SlidingWindow(Window):
         return max(0.0, self.hits[excess] + self.seconds - now)
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
-    return None
+_bearer = bearer_token
 
 
 def _is_search(request: Request) -> bool:
@@ -1473,15 +1476,7 @@ class AsanaFlavor:
         return {}
 
     def route_name(self, request: Request) -> str:
-        scope = request.scope
-        partial = None
-        for route in ROUTES:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return f"{request.method} {route.path.removeprefix(BASE_PATH)}"
-            if match == Match.PARTIAL and partial is None:
-                partial = route.path.removeprefix(BASE_PATH)
-        return f"{request.method} {partial or 'unknown'}"
+        return route_template(ROUTES, request, BASE_PATH)
 
 
 # --------------------------------------------------------------------------------------------

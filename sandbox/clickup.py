@@ -44,10 +44,16 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from sandbox.common import EmulatorControls, EmulatorMiddleware, RateLimitConfig, Window
+from sandbox.common import (
+    EmulatorControls,
+    EmulatorMiddleware,
+    RateLimitConfig,
+    Window,
+    route_template,
+)
 
 # --------------------------------------------------------------------------------------------
 # Documented constants
@@ -1134,15 +1140,7 @@ class ClickUpFlavor:
         }
 
     def route_name(self, request: Request) -> str:
-        scope = request.scope
-        partial = None
-        for route in ROUTES:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return f"{request.method} {route.path}"
-            if match == Match.PARTIAL and partial is None:
-                partial = route.path
-        return f"{request.method} {partial or 'unknown'}"
+        return route_template(ROUTES, request)
 
 
 # --------------------------------------------------------------------------------------------

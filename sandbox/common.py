@@ -125,6 +125,27 @@ class VendorFlavor(Protocol):
         """A stable name for the route (e.g. `POST /crm/v3/objects/deals/search`)."""
 
 
+def route_template(routes: list[Any], request: Request, prefix: str = "") -> str:
+    """`METHOD /path/{param}` of the route serving `request`: a stable name for stats."""
+    from starlette.routing import Match
+
+    partial = None
+    for route in routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return f"{request.method} {route.path.removeprefix(prefix)}"
+        if match == Match.PARTIAL and partial is None:
+            partial = route.path.removeprefix(prefix)
+    return f"{request.method} {partial or 'unknown'}"
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    return None
+
+
 class EmulatorControls:
     """Faults, rate limits and stats of one emulator; thread-safe, changed at run time."""
 

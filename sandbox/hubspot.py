@@ -36,10 +36,17 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from sandbox.common import EmulatorControls, EmulatorMiddleware, RateLimitConfig, Window
+from sandbox.common import (
+    EmulatorControls,
+    EmulatorMiddleware,
+    RateLimitConfig,
+    Window,
+    bearer_token,
+    route_template,
+)
 
 # --------------------------------------------------------------------------------------------
 # Documented limits
@@ -924,11 +931,7 @@ def _bool_options() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
-    return None
+_bearer = bearer_token
 
 
 def _is_search(request: Request) -> bool:
@@ -1043,15 +1046,7 @@ class HubSpotFlavor:
         }
 
     def route_name(self, request: Request) -> str:
-        scope = request.scope
-        partial = None
-        for route in ROUTES:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return f"{request.method} {route.path}"
-            if match == Match.PARTIAL and partial is None:
-                partial = route.path
-        return f"{request.method} {partial or 'unknown'}"
+        return route_template(ROUTES, request)
 
 
 # --------------------------------------------------------------------------------------------
