@@ -483,16 +483,26 @@ def state_export(
     writer.writerows(rows)
 
 
+def _mapped_fields(fmap: Any) -> set[str]:
+    """Every deal field a pipeline reads or writes."""
+    return set(fmap.deal_fields) | set(fmap.spec.progress)
+
+
+def _create_fields(crm: Any, fmap: Any, missing: list[str]) -> bool:
+    """Create missing deal fields where the CRM allows it (HubSpot); False otherwise."""
+    if not missing or not hasattr(crm, "create_properties"):
+        return False
+    crm.create_properties(missing, {n: r.type for n, r in fmap.spec.progress.items() if r.type})
+    return True
+
+
 def create_missing_fields(loaded: Any, connections: Any) -> dict[str, list[str]]:
     """Create mapped deal fields the CRM lacks, where the CRM allows it (HubSpot)."""
     created: dict[str, list[str]] = {}
     for p in loaded.config.pipelines:
-        crm = connections.get(p.source)
-        fmap = loaded.mappings[p.name]
-        missing = sorted((set(fmap.deal_fields) | set(fmap.spec.progress)) - crm.field_names())
-        if missing and hasattr(crm, "create_properties"):
-            types = {n: r.type for n, r in fmap.spec.progress.items() if r.type}
-            crm.create_properties(missing, types)
+        crm, fmap = connections.get(p.source), loaded.mappings[p.name]
+        missing = sorted(_mapped_fields(fmap) - crm.field_names())
+        if _create_fields(crm, fmap, missing):
             created[p.name] = missing
     return created
 
@@ -521,7 +531,7 @@ def check(
         for p in loaded.config.pipelines:
             crm = connections.get(p.source)
             fmap = loaded.mappings[p.name]
-            wanted = set(fmap.deal_fields) | set(fmap.spec.progress)
+            wanted = _mapped_fields(fmap)
             try:
                 have = crm.field_names()  # type: ignore[attr-defined]
             except ConnectorError:
@@ -532,9 +542,7 @@ def check(
                     f"[green]ok[/green]   {p.name}: all {len(wanted)} mapped deal fields exist"
                 )
                 continue
-            if create_missing and hasattr(crm, "create_properties"):
-                types = {n: r.type for n, r in fmap.spec.progress.items() if r.type}
-                crm.create_properties(missing, types)  # type: ignore[attr-defined]
+            if create_missing and _create_fields(crm, fmap, missing):
                 out.print(f"[green]created[/green] {p.name}: {', '.join(missing)}")
                 continue
             missing_any = True

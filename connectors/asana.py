@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -214,7 +214,8 @@ class AsanaProjects(ProjectTool):
 
     # -- create ---------------------------------------------------------------------------------
     def create_project(self, spec: ProjectSpec, stamp: DealStamp) -> ProjectRef:
-        stamp_field = self._field(self.settings.stamp_field)
+        # Fail before anything exists if the stamp field is missing from the workspace.
+        self._field(self.settings.stamp_field)
         if spec.template:
             gid = self._instantiate(spec)
         else:
@@ -233,15 +234,7 @@ class AsanaProjects(ProjectTool):
         ref = ProjectRef(gid, spec.name)
         try:
             # The stamp first, alone: from here on the project can be found by stamp.
-            wanted = {stamp_field["gid"]} | {self._field(n)["gid"] for n in spec.custom_fields}
-            self._add_field_settings(gid, wanted)
-            data = self.api.request(
-                "PUT",
-                f"/projects/{gid}",
-                route="PUT /projects/{gid}",
-                json={"data": {"custom_fields": {stamp_field["gid"]: stamp.marker}}},
-                params={"opt_fields": "name,permalink_url"},
-            )["data"]
+            data = self._stamp(gid, stamp, spec.custom_fields)
             ref = ProjectRef(gid, data.get("name", spec.name), data.get("permalink_url"))
             if self._stamp_index is not None:
                 self._stamp_index[stamp.marker] = ref
@@ -363,18 +356,20 @@ class AsanaProjects(ProjectTool):
     def ensure_stamp(self, project_id: str, stamp: DealStamp) -> None:
         self._stamp(project_id, stamp)
 
-    def _stamp(self, project_gid: str, stamp: DealStamp) -> None:
-        stamp_field = self._field(self.settings.stamp_field)
-        self._add_field_settings(project_gid, {stamp_field["gid"]})
-        self.api.request(
+    def _stamp(
+        self, project_gid: str, stamp: DealStamp, fields: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Put the stamp (alone) on the project, after adding the stamp field and `fields`
+        (custom field names) to it; returns the project's name and permalink."""
+        stamp_gid = self._field(self.settings.stamp_field)["gid"]
+        self._add_field_settings(project_gid, {stamp_gid} | {self._field(n)["gid"] for n in fields})
+        return self.api.request(
             "PUT",
             f"/projects/{project_gid}",
             route="PUT /projects/{gid}",
-            json={"data": {"custom_fields": {stamp_field["gid"]: stamp.marker}}},
-        )
-
-    def forget_index(self) -> None:
-        self._stamp_index = None
+            json={"data": {"custom_fields": {stamp_gid: stamp.marker}}},
+            params={"opt_fields": "name,permalink_url"},
+        )["data"]
 
     def update_project(self, project_id: str, spec: ProjectSpec) -> None:
         body: dict[str, Any] = _project_fields(spec.fields)

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any, ClassVar
 
 
@@ -36,9 +36,6 @@ class Cursor:
     def from_text(cls, text: str) -> Cursor:
         when, _, rid = text.partition("|")
         return cls(datetime.fromisoformat(when), rid)
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass

@@ -564,13 +564,6 @@ class StateStore:
                 .limit(1)
             ).scalar_one_or_none()
 
-    def runs(self, pipeline: str | None = None) -> list[RunRow]:
-        with Session(self.engine) as s:
-            q = select(RunRow)
-            if pipeline:
-                q = q.where(RunRow.pipeline == pipeline)
-            return list(s.exec(q.order_by(RunRow.id)).scalars())
-
     def running(self, pipeline: str) -> RunRow | None:
         with Session(self.engine) as s:
             return (

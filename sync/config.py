@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -53,9 +53,6 @@ def parse_duration(text: str | int | float) -> timedelta:
     if not m:
         raise ValueError(f"'{text}' is not a duration; write e.g. 30s, 5m, 2h or 1d")
     return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-
-
-Duration = Annotated[timedelta, Field(description="e.g. 30s, 5m, 2h")]
 
 
 class Strict(BaseModel):

@@ -3,6 +3,7 @@ creates nothing, and a lost state store still creates nothing (projects are adop
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,14 @@ def test_won_deals_become_one_project_each_and_reruns_create_nothing(stack, tmp_
 
 def test_dry_run_plans_without_writing(stack, tmp_path: Path):
     config = stack.write_config(tmp_path / "plan.yaml", extra_options={"start_from": "2000-01-01"})
-    before = writes(stack, "asana")
+    before = {s: writes(stack, s) for s in ("hubspot", "asana")}
     plan = sync_json(config, "--dry-run")["pipelines"][0]
     assert plan["dry_run"] is True
-    assert writes(stack, "asana") == before
-    assert not (tmp_path / "handoff-sandbox.db").exists() or plan["created"] >= 0
+    # Every won deal is planned (created, or adopted where a stamped project already exists).
+    assert plan["created"] + plan["adopted"] == len(won_hubspot_deals(stack))
+    assert {s: writes(stack, s) for s in ("hubspot", "asana")} == before
+    exported = handoff("state", "export", "-c", str(config), "--json")
+    assert json.loads(exported.stdout) == []  # nothing recorded in the state store either
 
 
 def test_validate_reports_three_mistakes_before_any_network_call(stack, tmp_path: Path):
