@@ -115,6 +115,9 @@ def measure(n: int, profile: str | None = None, log_level: str = "info") -> dict
         from mappings.field_map import map_deal
 
         map_deal(fmap, make_deal(0))
+        from sync.runner import settle_heap
+
+        settle_heap()  # as `handoff sync` does before its first run
         rss_before = maxrss_mib()
         gen_cpu0 = time.process_time()
         for i in range(min(n, 2_000)):

@@ -14,12 +14,17 @@ _MIN_SECRET_LEN = 4  # masking "a" everywhere would destroy every message
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
+# Longest first, so a secret that contains another is masked whole. Rebuilt on register:
+# `redact` runs on every field of every log line.
+_by_length: tuple[str, ...] = ()
 
 
 def register_secret(value: str | None) -> None:
+    global _by_length
     if value and len(value) >= _MIN_SECRET_LEN:
         with _lock:
             _secrets.add(value)
+            _by_length = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def registered_secrets() -> frozenset[str]:
@@ -28,10 +33,9 @@ def registered_secrets() -> frozenset[str]:
 
 
 def redact(text: str) -> str:
-    if not _secrets or not text:
+    if not text:
         return text
-    # Longest first, so a secret that contains another is masked whole.
-    for secret in sorted(registered_secrets(), key=len, reverse=True):
+    for secret in _by_length:
         if secret in text:
             text = text.replace(secret, MASK)
     return text

@@ -18,7 +18,7 @@ import structlog
 from connectors.base import CRM, Cursor, DealUpdate, Milestone, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
 from mappings.field_map import CompiledFieldMap, evaluate, render_text
-from state.store import Link, PageCommit, Parked, StateStore
+from state.store import BACK_LINK_COLUMNS, Link, PageCommit, Parked, StateStore
 from sync.forward import Counts, StopRun, fingerprint
 
 STREAM = "milestones"
@@ -105,7 +105,7 @@ class BackSync:
         self.log = self.log.bind(pipeline=self.pipeline, flow="back")
         self._today = datetime.now(UTC).date()
         self._pending: dict[str, _Pending] = {}  # deal id -> what to write
-        self._commit = PageCommit(self.pipeline, STREAM)
+        self._commit = PageCommit(self.pipeline, STREAM, link_columns=BACK_LINK_COLUMNS)
 
     def run(self) -> Counts:
         if not self.field_map.spec.progress:
@@ -250,7 +250,7 @@ class BackSync:
                 self.log.info("deal.progress_written", deal_id=deal_id, fields=sorted(p.fields))
         self._commit.cursor = high
         self.store.commit_page(self._commit)
-        self._commit = PageCommit(self.pipeline, STREAM)
+        self._commit = PageCommit(self.pipeline, STREAM, link_columns=BACK_LINK_COLUMNS)
 
     def _park(self, deal_id: str, step: str, kind: ErrorKind, message: str) -> None:
         self.counts.dead_lettered += 1

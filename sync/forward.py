@@ -20,15 +20,19 @@ import structlog
 from connectors.base import CRM, Deal, DealStamp, DealStatus, ProjectSpec, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
 from mappings.field_map import CompiledFieldMap, ForwardResult, deal_context, map_deal, render_text
-from state.store import Link, PageCommit, Parked, StateStore
+from state.store import FORWARD_LINK_COLUMNS, Link, PageCommit, Parked, StateStore
 from sync.failpoints import failpoint
 
 STREAM = "deals"
 PARTIAL = "__partial__"  # fingerprint key marking a project whose create was cut short
 
 
+# Built once: json.dumps with non-default options builds a new encoder on every call.
+_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, default=str)
+
+
 def fingerprint(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = _FINGERPRINT_JSON.encode(value)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -56,6 +60,21 @@ class PlannedAction:
     action: str  # create | adopt-or-create | update | unchanged | skip | unwon | park
     detail: str = ""
     calls: dict[str, int] = field(default_factory=dict)
+
+
+class _DealLog:
+    """`log.bind(deal_id=...)` for the few deals that log anything, paid only by those."""
+
+    __slots__ = ("_log", "_deal_id")
+
+    def __init__(self, log: Any, deal_id: str) -> None:
+        self._log, self._deal_id = log, deal_id
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._log.info(event, deal_id=self._deal_id, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._log.warning(event, deal_id=self._deal_id, **kw)
 
 
 class StopRun(Exception):
@@ -123,7 +142,7 @@ class ForwardSync:
             raise StopRun(exc) from exc
         self.adopt_first = True  # a parked create may have reached the vendor
         links = self.store.links_for(self.pipeline, deal_ids)
-        commit = PageCommit(self.pipeline, self.stream, dlq_stream=STREAM)
+        commit = self._page_commit()
         found = set()
         for deal in deals:
             found.add(deal.id)
@@ -141,7 +160,7 @@ class ForwardSync:
         ids = [d.id for d in page]
         marks = self.store.seen_marks(self.pipeline, self.stream, ids)
         links = self.store.links_for(self.pipeline, ids)
-        commit = PageCommit(self.pipeline, self.stream, dlq_stream=STREAM)
+        commit = self._page_commit()
         self._claimed_now = set()
         if not self.dry_run:
             # Claim every new won deal of the page in one statement, before any create: the
@@ -168,6 +187,12 @@ class ForwardSync:
                 high = deal.cursor
         if self.on_progress:
             self.on_progress(len(page))
+        if high is not None and commit.seen:
+            # Only a version inside the overlap window can be read again (the next run starts
+            # at cursor - overlap and the cursor never goes back): a backfill of old history
+            # writes no seen marks at all.
+            oldest = high.modified_at - self.overlap
+            commit.seen = [(i, ts) for i, ts in commit.seen if ts >= oldest]
         if not self.dry_run:
             commit.cursor = high
             self.store.commit_page(commit)
@@ -175,7 +200,7 @@ class ForwardSync:
 
     # -- one deal -----------------------------------------------------------------------------
     def _apply(self, deal: Deal, link: Link | None, commit: PageCommit) -> None:
-        log = self.log.bind(deal_id=deal.id)
+        log = _DealLog(self.log, deal.id)
         try:
             if deal.status is DealStatus.WON:
                 self._apply_won(deal, link, commit, log)
@@ -372,6 +397,11 @@ class ForwardSync:
         )
 
     # -- bookkeeping --------------------------------------------------------------------------
+    def _page_commit(self) -> PageCommit:
+        return PageCommit(
+            self.pipeline, self.stream, dlq_stream=STREAM, link_columns=FORWARD_LINK_COLUMNS
+        )
+
     def _park(
         self, commit: PageCommit, record_id: str, step: str, kind: ErrorKind, message: str, log: Any
     ) -> None:

