@@ -1,6 +1,7 @@
-"""Four `handoff run` daemons on one PostgreSQL database and one faulty sandbox: one project
-per won deal, no pipeline ever runs on two replicas at once, and a killed replica's pipeline
-passes to another within the lease time."""
+"""Four `handoff run` daemons on one PostgreSQL database and one faulty sandbox, for over a
+minute while new won deals keep arriving: every won deal gets exactly one project, no pipeline
+ever runs on two replicas at once, and a killed replica's pipeline passes to another within the
+lease time."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sandbox.stack import SandboxStack
 from tests.e2e.helpers import REPO, create_progress_properties, handoff, stamps, won_hubspot_deals
 
 TTL_S = 4
+FAULTY_S = 65  # the issue asks for at least a minute with faults on
 FAST_RETRY = {"attempts": 6, "initial_wait": 0.01, "max_wait": 0.05, "max_retry_after": 0.05}
 FAULTS = dict(rate_429=0.1, retry_after=0.01, rate_5xx=0.1, rate_reset=0.03, seed=11)
 
@@ -43,6 +45,21 @@ def _daemon(config: Path, log: Path) -> subprocess.Popen:
     )
 
 
+def _add_won_deals(stack: SandboxStack, n: int, tag: str) -> None:
+    """New deals won while the replicas run (straight into the emulator: the test's own
+    writes should not draw the injected faults)."""
+    state = stack["hubspot"].state
+    for i in range(n):
+        state.add_deal(
+            {
+                "dealname": f"Arrived {tag}-{i}",
+                "amount": str(1000 + i),
+                "dealstage": "closedwon",
+                "pipeline": "default",
+            }
+        )
+
+
 def test_four_replicas_share_work_safely(pg_url: str, tmp_path: Path) -> None:
     with SandboxStack(seed_deals=80, rng_seed=5, systems=("hubspot", "asana")) as stack:
         create_progress_properties(stack)
@@ -60,7 +77,10 @@ def test_four_replicas_share_work_safely(pg_url: str, tmp_path: Path) -> None:
         procs = [_daemon(config, tmp_path / f"replica-{i}.log") for i in range(4)]
         engine = create_engine(pg_url)
         try:
-            time.sleep(15)
+            started = time.time()
+            for wave in range(3):
+                time.sleep(5)
+                _add_won_deals(stack, 5, f"early{wave}")
             # Kill -9 whichever replica holds the lease now (or last started a run).
             with engine.connect() as conn:
                 owner = conn.execute(
@@ -86,10 +106,14 @@ def test_four_replicas_share_work_safely(pg_url: str, tmp_path: Path) -> None:
                     break
                 time.sleep(0.2)
             assert taken is not None and taken <= TTL_S + 3, taken
-            time.sleep(10)
+            wave = 0
+            while time.time() - started < FAULTY_S:
+                time.sleep(5)
+                _add_won_deals(stack, 5, f"late{wave}")
+                wave += 1
             for system in ("hubspot", "asana"):
                 stack[system].controls.set_faults()
-            time.sleep(8)
+            time.sleep(10)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -99,6 +123,10 @@ def test_four_replicas_share_work_safely(pg_url: str, tmp_path: Path) -> None:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        # A record that drew faults on every retry attempt is parked for the automatic retry a
+        # minute later; the operator's replay settles it now (and must not duplicate anything).
+        proc = handoff("dlq", "retry", "--all", "-c", str(config))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         with engine.connect() as conn:
             runs = conn.execute(
                 text(
@@ -116,4 +144,6 @@ def test_four_replicas_share_work_safely(pg_url: str, tmp_path: Path) -> None:
                 assert prev.finished_at <= nxt.started_at, (prev, nxt)
         projects = stamps(stack, "asana", "hubspot")
         assert projects and set(projects.values()) == {1}, "one project per deal"
-        assert set(projects) <= won_hubspot_deals(stack)
+        won = won_hubspot_deals(stack)
+        assert len(won) >= 80 * 0.3 + 15, "the arriving deals are won too"
+        assert set(projects) == won, f"won deals without a project: {sorted(won - set(projects))}"
