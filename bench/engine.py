@@ -95,34 +95,54 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(n: int, profile: str | None = None, log_level: str = "info") -> dict[str, Any]:
-    """Forward-sync `n` won deals (in this process) and return the figures."""
-    from mappings.field_map import load_field_map, preset_path
+def measure(
+    n: int,
+    profile: str | None = None,
+    log_level: str = "info",
+    *,
+    lo: int = 0,
+    hi: int | None = None,
+    db: str | None = None,
+    wait_for_go: bool = False,
+) -> dict[str, Any]:
+    """Forward-sync won deals `lo`..`hi` of `n` (in this process) and return the figures.
+
+    With `db` the state lives there (shared with other workers) and the run is one slice of
+    a split backfill: its own checkpoint stream over its own record range, as
+    `handoff backfill --slices` runs each slice. With `wait_for_go` the process prints
+    "ready" once set up and starts when a line arrives on stdin, so workers start together.
+    """
+    from mappings.field_map import load_field_map, map_deal, preset_path
     from state.store import StateStore
     from sync.forward import ForwardSync
     from sync.logs import configure_logging
+    from sync.runner import settle_heap
 
+    hi = n if hi is None else hi
+    count = hi - lo
     # As `handoff sync` logs when stderr is not a terminal: JSON lines (here to /dev/null).
     devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     configure_logging(json_logs=True, level=log_level, stream=devnull)
     crm_cls, tool_cls = streaming_classes()
     fmap = load_field_map(preset_path(PRESET))
     with tempfile.TemporaryDirectory(prefix="handoff-bench-") as tmp:
-        store = StateStore(f"sqlite:///{tmp}/state.db")
-        crm, tool = crm_cls(n), tool_cls()
-        fwd = ForwardSync("bench", crm, tool, fmap, store, overlap=timedelta(minutes=2))
-        # Warm up imports/caches on one mapping, outside the measured window.
-        from mappings.field_map import map_deal
-
-        map_deal(fmap, make_deal(0))
-        from sync.runner import settle_heap
-
+        store = StateStore(f"sqlite:///{db or tmp + '/state.db'}")
+        crm, tool = crm_cls(hi), tool_cls()
+        stream = f"bench-slice-{lo}" if db else "deals"
+        fwd = ForwardSync(
+            "bench", crm, tool, fmap, store, overlap=timedelta(minutes=2), stream=stream
+        )
+        fwd.adopt_first = True  # a backfill looks for stamped projects before creating
+        map_deal(fmap, make_deal(0))  # warm caches outside the measured window
+        gen_cpu0 = time.process_time()
+        for i in range(min(count, 2_000)):
+            make_deal(i)
+        gen_cpu = (time.process_time() - gen_cpu0) / min(count, 2_000) * count  # the fake's
         settle_heap()  # as `handoff sync` does before its first run
         rss_before = maxrss_mib()
-        gen_cpu0 = time.process_time()
-        for i in range(min(n, 2_000)):
-            make_deal(i)
-        gen_cpu = (time.process_time() - gen_cpu0) / min(n, 2_000) * n  # the fake's share
+        if wait_for_go:
+            print("ready", flush=True)
+            sys.stdin.readline()
         profiler = None
         if profile:
             import cProfile
@@ -130,21 +150,24 @@ def measure(n: int, profile: str | None = None, log_level: str = "info") -> dict
             profiler = cProfile.Profile()
             profiler.enable()
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        counts = fwd.run()
+        since = T0 + timedelta(seconds=lo)
+        counts = fwd.run(since=since, until=T0 + timedelta(seconds=hi - 1))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile)
-        db_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        state_dir = Path(db).parent if db else Path(tmp)
+        db_bytes = sum(f.stat().st_size for f in state_dir.iterdir())
         store.close()
-    assert counts.created == n, counts
+    assert counts.created == count, counts
     return {
-        "deals": n,
+        "deals": count,
         "created": counts.created,
         "wall_s": wall,
-        "deals_per_s": n / wall,
-        "cpu_us_per_deal": cpu / n * 1e6,
-        "fake_cpu_us_per_deal": gen_cpu / n * 1e6,
+        "deals_per_s": count / wall,
+        "cpu_s": cpu,
+        "cpu_us_per_deal": cpu / count * 1e6,
+        "fake_cpu_us_per_deal": gen_cpu / count * 1e6,
         "rss_before_mib": rss_before,
         "peak_rss_mib": maxrss_mib(),
         "db_mib": db_bytes / 2**20,
@@ -153,15 +176,65 @@ def measure(n: int, profile: str | None = None, log_level: str = "info") -> dict
     }
 
 
+def _command(n: int, log_level: str, profile: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.engine", str(n), "--log-level", log_level]
+    return cmd + (["--profile", profile] if profile else [])
+
+
 def run_child(n: int, *, profile: str | None = None, log_level: str = "info") -> dict[str, Any]:
     """`measure(n)` in a fresh interpreter, so each size's peak memory is its own."""
-    cmd = [sys.executable, "-m", "bench.engine", str(n), "--log-level", log_level]
-    if profile:
-        cmd += ["--profile", profile]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        _command(n, log_level, profile), cwd=REPO, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"engine bench ({n} deals) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_workers(n: int, workers: int, *, log_level: str = "info") -> dict[str, Any]:
+    """The backfill split into `workers` record ranges, one process each, on one SQLite
+    state database: how a backfill uses more than one core (Python runs one thread of
+    Python at a time). Timed from the moment every worker is ready to the last one done."""
+    with tempfile.TemporaryDirectory(prefix="handoff-bench-") as tmp:
+        db = f"{tmp}/state.db"
+        from state.store import StateStore
+
+        StateStore(f"sqlite:///{db}").close()  # schema first, so workers only open it
+        procs = []
+        for i in range(workers):
+            lo, hi = n * i // workers, n * (i + 1) // workers
+            cmd = _command(n, log_level) + ["--range", f"{lo}:{hi}", "--db", db, "--wait"]
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
+            )
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        wall0 = time.perf_counter()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate()[0] for p in procs]
+        wall = time.perf_counter() - wall0
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"engine bench workers failed: {[p.returncode for p in procs]}")
+        parts = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    cpu = sum(r["cpu_s"] for r in parts)
+    return {
+        "deals": n,
+        "workers": workers,
+        "created": sum(r["created"] for r in parts),
+        "wall_s": wall,
+        "deals_per_s": n / wall,
+        "cpu_us_per_deal": cpu / n * 1e6,
+        "fake_cpu_us_per_deal": sum(r["fake_cpu_us_per_deal"] * r["deals"] for r in parts) / n,
+        "rss_before_mib": max(r["rss_before_mib"] for r in parts),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in parts),
+        "db_mib": max(r["db_mib"] for r in parts),
+        "log_level": log_level,
+    }
 
 
 def top_costs(profile_path: str, limit: int = 20) -> tuple[str, str]:
@@ -184,8 +257,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("deals", type=int)
     ap.add_argument("--profile", help="write a cProfile of the run here")
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--workers", type=int, default=1, help="split into this many processes")
+    ap.add_argument("--range", help="LO:HI, this worker's deals (internal)")
+    ap.add_argument("--db", help="shared state database path (internal)")
+    ap.add_argument("--wait", action="store_true", help="wait for a line on stdin (internal)")
     args = ap.parse_args(argv)
-    print(json.dumps(measure(args.deals, args.profile, args.log_level)))
+    if args.workers > 1:
+        print(json.dumps(run_workers(args.deals, args.workers, log_level=args.log_level)))
+        return
+    lo, hi = (int(x) for x in args.range.split(":")) if args.range else (0, args.deals)
+    result = measure(
+        args.deals, args.profile, args.log_level, lo=lo, hi=hi, db=args.db, wait_for_go=args.wait
+    )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

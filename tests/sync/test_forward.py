@@ -56,6 +56,22 @@ def test_second_run_creates_nothing_and_reads_only_the_overlap(write_map, store)
     assert counts.unchanged + counts.skipped == 0  # everything in the window was seen already
 
 
+def test_seen_marks_are_kept_only_inside_the_overlap_window(write_map, store):
+    """A backfill of old history writes no mark a later read could not use, and the window
+    the next run re-reads is still skipped record by record."""
+    crm, tool = MemoryCRM(page_size=10), MemoryProjects()
+    for i in range(50):  # one an hour: only the last is within 5 minutes of the newest
+        crm.put(won(f"d{i:02d}", T0 + timedelta(hours=i)))
+    fmap = write_map()
+    engine(crm, tool, fmap, store).run()
+    marks = store.seen_marks("p1", "deals", [f"d{i:02d}" for i in range(50)])
+    assert set(marks) == {"d49"}
+    crm.put(won("d50", T0 + timedelta(hours=49, minutes=1)))  # new, inside the window
+    counts = engine(crm, tool, fmap, store).run()
+    assert (counts.read, counts.created, counts.unchanged) == (2, 1, 0)
+    assert len(tool.projects) == 51
+
+
 def test_deals_sharing_a_timestamp_across_a_page_boundary_arrive_once(write_map, store):
     crm, tool = MemoryCRM(page_size=2), MemoryProjects()
     for i in range(5):
