@@ -246,9 +246,13 @@ def status(
     config: ConfigOpt = DEFAULT_CONFIG,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Per pipeline: cursor, last run, links, parked records, run in progress."""
+    """Per pipeline: cursor, last run, links, parked records, run in progress; and the
+    backfills split across replicas that are not finished (or the latest of each pipeline)."""
+    from state.backfill_slices import BackfillSlices
+
     loaded = _load(config)
     store = _store(loaded)
+    plans = _shown_plans(BackfillSlices(store.engine), [p.name for p in loaded.config.pipelines])
     rows = []
     for p in loaded.config.pipelines:
         last = store.last_run(p.name)
@@ -280,7 +284,9 @@ def status(
         )
     store.close()
     if as_json:
-        print(json.dumps({"pipelines": rows}, default=str))
+        print(
+            json.dumps({"pipelines": rows, "backfills": [p.__dict__ for p in plans]}, default=str)
+        )
         return
     table = Table(title="Pipelines")
     for col in ("pipeline", "cursor", "last run", "links", "parked", "running"):
@@ -300,6 +306,36 @@ def status(
             r["name"], cur, last, links, str(r["parked"]), "yes" if r["running"] else "no"
         )
     out.print(table)
+    if plans:
+        out.print(_plans_table(plans))
+
+
+def _shown_plans(slices: Any, pipelines: list[str]) -> list[Any]:
+    """Unfinished plans, plus the latest plan of each pipeline."""
+    shown, latest = [], set()
+    for plan in slices.summaries(pipelines):
+        if not plan.finished or plan.pipeline not in latest:
+            shown.append(plan)
+        latest.add(plan.pipeline)
+    return shown
+
+
+def _plans_table(plans: list[Any]) -> Table:
+    table = Table(title="Backfills (per slice: handoff backfill --status ID)")
+    for col in ("id", "pipeline", "slices", "won", "new", "parked"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "pipeline" else "right")
+    for p in plans:
+        states = ", ".join(f"{n} {state}" for state, n in sorted(p.states.items()))
+        c = p.counts
+        table.add_row(
+            str(p.backfill_id),
+            p.pipeline,
+            states,
+            f"~{p.expected}",
+            str(c.get("created", 0) + c.get("adopted", 0)),
+            str(c.get("dead_lettered", 0)),
+        )
+    return table
 
 
 # -- dead letters, state, check, preview, backfill ---------------------------------------
@@ -694,13 +730,37 @@ def _preview_progress(
 
 @app.command()
 def backfill(
-    pipeline: Annotated[str, typer.Argument()],
-    since: Annotated[str, typer.Option("--since", help="YYYY-MM-DD")],
+    pipeline: Annotated[str | None, typer.Argument(help="the pipeline to backfill")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="YYYY-MM-DD")] = None,
     until: Annotated[str | None, typer.Option("--until", help="YYYY-MM-DD")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only; write nothing")] = False,
     limit: Annotated[
         int | None,
         typer.Option("--limit", min=1, help="read at most N deals now; run again to go on"),
+    ] = None,
+    slices: Annotated[
+        int | None,
+        typer.Option(
+            "--slices",
+            min=1,
+            max=256,
+            help="split into N record ranges that replicas work together",
+        ),
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="with --slices: store the plan, leave it to the others"),
+    ] = False,
+    join: Annotated[
+        int | None,
+        typer.Option("--join", metavar="ID", help="work on backfill plan ID with the others"),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="with --join: run failed slices again")
+    ] = False,
+    status_of: Annotated[
+        int | None,
+        typer.Option("--status", metavar="ID", help="show plan ID's progress per slice"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     config: ConfigOpt = DEFAULT_CONFIG,
@@ -709,7 +769,15 @@ def backfill(
 
     Interrupted (or stopped by --limit), the same command continues from its own
     checkpoint and never creates a project twice. --dry-run writes nothing and prints
-    what would be created, updated and skipped, and the API calls the real run costs."""
+    what would be created, updated and skipped, and the API calls the real run costs.
+
+    --slices N splits the window into up to N record ranges (modified-time slices with
+    about equal won deals, planned from one keys-only read of the window) and stores the
+    plan in the state store. This command then works its slices one at a time, and so do
+    `handoff backfill --join ID` elsewhere and every `handoff run` daemon on the same
+    database. A killed worker's slice is taken over when its lease (lease_ttl) expires and
+    resumes at its last page. The pipeline's sync waits until the backfill is done.
+    --status ID shows the plan per slice."""
     from datetime import UTC, datetime
 
     from sync.runner import Connections, exit_code, run_pipeline
@@ -721,9 +789,36 @@ def backfill(
             err.print(f"{flag} {text!r} is not a date — write YYYY-MM-DD")
             raise typer.Exit(2) from None
 
+    if status_of is not None or join is not None:
+        if pipeline or since or until or slices or dry_run or limit or detach:
+            err.print("--join and --status take a plan id only (the plan knows the rest)")
+            raise typer.Exit(2)
+        loaded = _load(config)
+        if status_of is not None:
+            _backfill_status(loaded, status_of, as_json)
+            return
+        assert join is not None
+        _work_plan(loaded, join, as_json, retry_failed=retry_failed)
+    if pipeline is None or since is None:
+        err.print("name the pipeline and --since (or --join ID, --status ID)")
+        raise typer.Exit(2)
+    if slices is not None and (dry_run or limit is not None):
+        err.print(
+            "--slices plans and runs the backfill across replicas; for --dry-run or --limit "
+            "run it without --slices"
+        )
+        raise typer.Exit(2)
+    if (detach and slices is None) or retry_failed:
+        err.print("--detach goes with --slices, --retry-failed with --join")
+        raise typer.Exit(2)
     loaded = _load(config)
     p = _selected(loaded, pipeline)[0]
     start, end = parse(since, "--since"), (parse(until, "--until") if until else None)
+    if slices is not None:
+        backfill_id = _plan_slices(loaded, p, start, end, slices, as_json=as_json and detach)
+        if detach:
+            raise typer.Exit(0)
+        _work_plan(loaded, backfill_id, as_json)
     store = _store(loaded)
     connections = Connections(loaded)
     try:
@@ -764,6 +859,222 @@ def backfill(
         if result.error:
             err.print(f"{result.name}: {result.error}")
     raise typer.Exit(exit_code([result]))
+
+
+# -- backfills split across replicas -------------------------------------------------------
+
+
+def _plan_slices(loaded: Any, p: Any, start: Any, end: Any, n: int, *, as_json: bool) -> int:
+    """Plan the backfill into slices, store the plan, say how others join; returns its id."""
+    from sync.backfill_plan import plan_backfill
+    from sync.runner import Connections
+
+    store = _store(loaded)
+    connections = Connections(loaded)
+    try:
+        with _progress(err.is_terminal, f"planning {p.name} (keys-only read)"):
+            planned = plan_backfill(loaded, p, store, connections, since=start, until=end, slices=n)
+    except ConnectorError as exc:
+        err.print(redact(str(exc)))
+        raise typer.Exit(3) from None
+    finally:
+        connections.close()
+        store.close()
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "backfill_id": planned.backfill_id,
+                    "pipeline": p.name,
+                    "won": planned.won,
+                    "read": planned.read,
+                    "api_calls": planned.api_calls,
+                    "slices": [_slice_dict(s) for s in planned.slices],
+                },
+                default=str,
+            )
+        )
+    else:
+        calls = sum(planned.api_calls.values())
+        err.print(
+            f"backfill {planned.backfill_id}: {p.name} planned as {len(planned.slices)} "
+            f"slice(s) over {planned.won} won deal(s) ({planned.read} read, {calls} API "
+            f"call(s)). Other replicas join with `handoff backfill --join "
+            f"{planned.backfill_id}`; `handoff run` daemons on this database join by "
+            "themselves.",
+            soft_wrap=True,
+        )
+    return planned.backfill_id
+
+
+def _work_plan(loaded: Any, backfill_id: int, as_json: bool, *, retry_failed: bool = False) -> None:
+    """Work the plan's slices beside the other replicas until none is pending or running;
+    SIGTERM/SIGINT hand the slice in hand back at a page boundary."""
+    import signal
+    import threading
+
+    from state.backfill_slices import BackfillSlices
+    from sync.backfill_plan import plan_exit_code, work_backfill
+    from sync.runner import Connections, new_owner
+
+    store = _store(loaded)
+    plans = BackfillSlices(store.engine)
+    plan = plans.slices(backfill_id)
+    if not plan:
+        store.close()
+        err.print(f"no backfill with id {backfill_id} (see `handoff status`)")
+        raise typer.Exit(2)
+    try:
+        loaded.config.pipeline(plan[0].pipeline)
+    except KeyError:
+        store.close()
+        err.print(
+            f"backfill {backfill_id} is of pipeline '{plan[0].pipeline}', which is no longer "
+            f"in {loaded.path}; put it back to run the plan"
+        )
+        raise typer.Exit(2) from None
+    if retry_failed:
+        n = plans.retry_failed(backfill_id)
+        err.print(f"backfill {backfill_id}: {n} failed slice(s) will run again")
+    stopping = threading.Event()
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    before = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in stop_signals}
+    said: set[str] = set()
+
+    def waiting(why: str) -> None:
+        if why not in said:
+            said.add(why)
+            err.print(f"backfill {backfill_id}: waiting ({why})")
+
+    connections = Connections(loaded)
+    try:
+        with _progress(err.is_terminal, f"backfill {backfill_id}") as tick:
+            runs = work_backfill(
+                loaded,
+                store,
+                connections,
+                owner=new_owner(),
+                backfill_id=backfill_id,
+                wait=True,
+                should_stop=stopping.is_set,
+                on_progress=tick,
+                on_wait=waiting,
+            )
+        plan = plans.slices(backfill_id)
+    except ConnectorError as exc:
+        err.print(redact(str(exc)))
+        raise typer.Exit(3) from None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        connections.close()
+        store.close()
+    if as_json:
+        payload = _plan_dict(backfill_id, plan)
+        payload["worked"] = [
+            {"slice": r.slice.index, "outcome": r.outcome, **r.result.as_dict()} for r in runs
+        ]
+        print(json.dumps(payload, default=str))
+    else:
+        out.print(_slices_table(backfill_id, plan))
+        mine = ", ".join(f"{r.slice.index} ({r.outcome})" for r in runs) or "none"
+        out.print(f"slices this worker ran: {mine}")
+        left = sum(s.state in ("pending", "running") for s in plan)
+        if left:
+            out.print(
+                f"{left} slice(s) not done yet: `handoff backfill --join {backfill_id}` "
+                "(or any `handoff run` daemon) goes on"
+            )
+        for s in plan:
+            if s.error:
+                err.print(f"slice {s.index}: {s.error}", markup=False, soft_wrap=True)
+    raise typer.Exit(plan_exit_code(plan, runs))
+
+
+def _slice_dict(s: Any) -> dict[str, Any]:
+    return {
+        "index": s.index,
+        "since": s.since,
+        "until": s.until,
+        "expected_won": s.expected,
+        "state": s.state,
+        "owner": s.owner,
+        "lease_expires_at": s.lease_expires_at,
+        "attempts": s.attempts,
+        "counts": s.counts,
+        "error": s.error,
+        "started_at": s.started_at,
+        "finished_at": s.finished_at,
+    }
+
+
+def _plan_dict(backfill_id: int, plan: list[Any]) -> dict[str, Any]:
+    from collections import Counter
+
+    return {
+        "backfill_id": backfill_id,
+        "pipeline": plan[0].pipeline if plan else None,
+        "states": dict(Counter(s.state for s in plan)),
+        "slices": [_slice_dict(s) for s in plan],
+    }
+
+
+def _slices_table(backfill_id: int, plan: list[Any]) -> Table:
+    """One row per slice; fits 80 columns."""
+    from rich import box
+
+    done = sum(s.state == "done" for s in plan)
+    pipeline = plan[0].pipeline if plan else "?"
+    table = Table(
+        title=f"Backfill {backfill_id} of {pipeline}: {done}/{len(plan)} slices done",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("from (UTC)", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("owner", overflow="fold")
+    for col in ("won", "read", "new", "parked"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in plan:
+        c = s.counts
+        table.add_row(
+            str(s.index),
+            s.since.strftime("%Y-%m-%d %H:%M:%S"),
+            s.state,
+            ":".join((s.owner or "").split(":")[:2]),
+            f"~{s.expected}",
+            str(c.get("read", "")),
+            str(c.get("created", 0) + c.get("adopted", 0)) if c else "",
+            str(c.get("dead_lettered", "")),
+        )
+    last = plan[-1].until if plan else None
+    table.caption = (
+        "each slice runs up to the next one's start; the last to "
+        + (last.strftime("%Y-%m-%d %H:%M:%S") if last else "the time it runs")
+        + " · won: counted when planned · new: projects created or adopted"
+    )
+    return table
+
+
+def _backfill_status(loaded: Any, backfill_id: int, as_json: bool) -> None:
+    from state.backfill_slices import BackfillSlices
+
+    store = _store(loaded)
+    try:
+        plan = BackfillSlices(store.engine).slices(backfill_id)
+    finally:
+        store.close()
+    if not plan:
+        err.print(f"no backfill with id {backfill_id} (see `handoff status`)")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(_plan_dict(backfill_id, plan), default=str))
+        return
+    out.print(_slices_table(backfill_id, plan))
+    for s in plan:
+        if s.error:
+            err.print(f"slice {s.index}: {s.error}", markup=False, soft_wrap=True)
 
 
 _WHY = {
@@ -829,15 +1140,20 @@ def run(
         int | None, typer.Option("--metrics-port", help="serve /healthz and /metrics here")
     ] = None,
     stop_timeout: Annotated[float, typer.Option(help="seconds to finish the page in hand")] = 60,
+    backfill_every: Annotated[
+        float,
+        typer.Option(help="seconds between looks for backfill slices to work (--slices)"),
+    ] = 5.0,
 ) -> None:
-    """The daemon: run every pipeline on its schedule until SIGTERM/SIGINT."""
+    """The daemon: run every pipeline on its schedule until SIGTERM/SIGINT, and work the
+    slices of backfills planned with `handoff backfill --slices` beside other replicas."""
     import signal
     import threading
 
     from sync.scheduler import Daemon
 
     loaded = _load(config)
-    daemon = Daemon(loaded, metrics_port=metrics_port)
+    daemon = Daemon(loaded, metrics_port=metrics_port, backfill_every=backfill_every)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

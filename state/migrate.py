@@ -31,6 +31,8 @@ from state.errors import StateSchemaError
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The first release's schema: a database made by `create_all` before Alembic is stamped here.
 BASELINE = "0001"
+# Its tables: what such a database holds (tables added by later revisions are not there).
+BASELINE_TABLES = frozenset({"cursors", "links", "seen", "runs", "dead_letters", "leases"})
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -70,7 +72,7 @@ def status(engine: Engine) -> SchemaStatus:
     if current is None:
         ours = set(SQLModel.metadata.tables)
         found = ours & tables
-        state = "empty" if not found else ("legacy" if found == ours else "partial")
+        state = "empty" if not found else ("legacy" if found == BASELINE_TABLES else "partial")
         return SchemaStatus(state, None, target)
     if current == target:
         return SchemaStatus("current", current, target)

@@ -102,3 +102,25 @@ class LeaseRow(SQLModel, table=True):
     pipeline: str = Field(primary_key=True)
     owner: str
     expires_at: datetime = _ts(nullable=False)
+
+
+class BackfillSliceRow(SQLModel, table=True):
+    """One record range (modified-time slice) of a backfill split across replicas. A worker
+    claims it under a lease; a dead worker's slice is taken over once the lease expires."""
+
+    __tablename__ = "backfill_slices"
+    backfill_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    slice_index: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    pipeline: str = Field(index=True)
+    since: datetime = _ts(nullable=False)
+    until: datetime | None = _ts(nullable=True)  # None: open-ended, up to the time it runs
+    expected: int = 0  # won deals the planning scan counted in the range
+    state: str = "pending"  # pending | running | done | failed
+    owner: str | None = None
+    lease_expires_at: datetime | None = _ts(nullable=True)
+    attempts: int = 0
+    counts: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error: str | None = None
+    created_at: datetime = _ts(nullable=False)
+    started_at: datetime | None = _ts(nullable=True)
+    finished_at: datetime | None = _ts(nullable=True)

@@ -242,10 +242,16 @@ def run_pipeline(
     retry: dict[str, list[str]] | None = None,
     should_stop: Callable[[], bool] | None = None,
     limit: int | None = None,
+    checkpoint: str | None = None,
+    keep_alive: Callable[[], bool] | None = None,
 ) -> PipelineResult:
     """One run of one pipeline. `kind` is sync, backfill or dlq-retry (`retry` names the
     parked records per stream to replay). `limit` reads at most that many deals; the cursor
-    (or backfill checkpoint) stops after the last one, so the next run continues there."""
+    (or backfill checkpoint) stops after the last one, so the next run continues there.
+
+    A backfill slice (see `sync.backfill_plan`) names its own `checkpoint` stream and holds
+    its leases itself: with `keep_alive` no pipeline lease is taken here, and at each page
+    boundary `keep_alive()` says whether the caller's leases are still held."""
     settle_heap()
     owner = owner or new_owner()
     plog = log.bind(pipeline=pipeline.name)
@@ -254,7 +260,7 @@ def run_pipeline(
     before = connections.calls()
     result = PipelineResult(pipeline.name, "ok", dry_run=dry_run)
 
-    if not dry_run:
+    if not dry_run and keep_alive is None:
         if not store.acquire_lease(pipeline.name, owner, ttl) and not _take_over_dead(
             store, pipeline.name, owner, ttl
         ):
@@ -268,7 +274,9 @@ def run_pipeline(
             result.error = "another run of this pipeline is in progress"
             return result
         store.mark_abandoned_runs(pipeline.name)
-    keeper = None if dry_run else _LeaseKeeper(store, pipeline.name, owner, ttl)
+    keeper: _LeaseKeeper | None = None
+    if not dry_run and keep_alive is None:
+        keeper = _LeaseKeeper(store, pipeline.name, owner, ttl)
     run_id = None if dry_run else store.start_run(pipeline.name, kind, owner)
     plog.info("run.started", kind=kind, dry_run=dry_run)
     try:
@@ -280,7 +288,9 @@ def run_pipeline(
             # Called after each committed page: the place to stop cleanly on SIGTERM.
             if should_stop and should_stop():
                 raise Interrupted()
-            if keeper is not None and not keeper.renew():
+            if (keeper is not None and not keeper.renew()) or (
+                keep_alive is not None and not keep_alive()
+            ):
                 raise StopRun(
                     ConnectorError("state", ErrorKind.UNREACHABLE, "lost the pipeline lease")
                 )
@@ -314,7 +324,7 @@ def run_pipeline(
             # Its own checkpoint, so the incremental cursor is untouched and an interrupted
             # backfill resumes where it stopped.
             forward.adopt_first = True
-            forward.stream = backfill_stream(since, until)
+            forward.stream = checkpoint or backfill_stream(since, until)
             checkpoint = store.get_cursor(pipeline.name, forward.stream)
             if checkpoint is not None:
                 since = checkpoint.modified_at

@@ -1,7 +1,9 @@
 """The daemon (`handoff run`): APScheduler runs each pipeline on its schedule, never two of
 one pipeline at once (coalesce + one instance + the state-store lease, so cron-started runs
 and other replicas never overlap either), and stops cleanly: on SIGTERM the page in hand is
-finished, the run is recorded as interrupted, and the lease released.
+finished, the run is recorded as interrupted, and the lease released. Every few seconds it
+also works slices of backfill plans (`handoff backfill --slices`), one at a time, beside any
+other replicas; a pipeline's sync waits while a backfill of it is unfinished.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from state.backfill_slices import BackfillSlices
 from state.store import StateStore
+from sync.backfill_plan import work_backfill
 from sync.config import LoadedConfig, PipelineConfig, parse_duration
 from sync.runner import Connections, PipelineResult, new_owner, run_pipeline
 
@@ -92,7 +96,12 @@ class _Health(BaseHTTPRequestHandler):
 
 class Daemon:
     def __init__(
-        self, loaded: LoadedConfig, *, metrics_port: int | None = None, owner: str | None = None
+        self,
+        loaded: LoadedConfig,
+        *,
+        metrics_port: int | None = None,
+        owner: str | None = None,
+        backfill_every: float = 5.0,
     ) -> None:
         self.loaded = loaded
         self.owner = owner or new_owner()
@@ -105,6 +114,7 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self.metrics_port = metrics_port
+        self.backfill_every = backfill_every
         self._http: ThreadingHTTPServer | None = None
         self._active = 0
         self._lock = threading.Lock()
@@ -125,6 +135,10 @@ class Daemon:
             self._active += 1
         try:
             p = self.loaded.config.pipeline(name)
+            if BackfillSlices(self.store.engine).unfinished(name):
+                # The backfill holds the pipeline; its slices are worked by `work_backfills`.
+                log.info("run.deferred", pipeline=name, reason="a backfill of it is unfinished")
+                return None
             result = run_pipeline(
                 self.loaded,
                 p,
@@ -138,6 +152,30 @@ class Daemon:
         except Exception as exc:  # a bug must not kill the daemon; it is logged and counted
             log.exception("run.crashed", pipeline=name, error=str(exc))
             return None
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def work_backfills(self) -> int:
+        """Work claimable backfill slices of this config's pipelines; returns how many."""
+        if self.stopping.is_set():
+            return 0
+        with self._lock:
+            self._active += 1
+        try:
+            runs = work_backfill(
+                self.loaded,
+                self.store,
+                self.connections,
+                owner=self.owner,
+                should_stop=self.stopping.is_set,
+            )
+            for r in runs:
+                self.metrics.observe(r.result, self.store.dead_letter_count(r.slice.pipeline))
+            return len(runs)
+        except Exception as exc:  # logged and counted; the next tick tries again
+            log.exception("backfill.crashed", error=str(exc))
+            return 0
         finally:
             with self._lock:
                 self._active -= 1
@@ -158,6 +196,13 @@ class Daemon:
                 name=p.name,
                 next_run_time=now,
             )
+        self.scheduler.add_job(
+            self.work_backfills,
+            IntervalTrigger(seconds=max(0.2, self.backfill_every), timezone=UTC),
+            id="_backfill_slices",  # no pipeline name starts with "_"
+            name="backfill slices",
+            next_run_time=now,
+        )
         self.scheduler.start()
         if self.metrics_port is not None:
             handler = type("Handler", (_Health,), {"daemon": self})
@@ -166,7 +211,7 @@ class Daemon:
             threading.Thread(target=self._http.serve_forever, daemon=True).start()
         log.info(
             "daemon.started",
-            pipelines=[j.id for j in self.scheduler.get_jobs()],
+            pipelines=[j.id for j in self.scheduler.get_jobs() if j.id != "_backfill_slices"],
             metrics_port=self.metrics_port,
         )
 

@@ -15,7 +15,13 @@ from state import migrate
 from state.errors import StateSchemaError
 from state.store import StateStore, make_engine
 
-TABLES = {"cursors", "links", "seen", "runs", "dead_letters", "leases"}
+TABLES = {"cursors", "links", "seen", "runs", "dead_letters", "leases", "backfill_slices"}
+
+
+def _create_baseline_tables(engine) -> None:
+    """How releases before Alembic made the schema: create_all of the first release's tables."""
+    baseline = [SQLModel.metadata.tables[name] for name in sorted(migrate.BASELINE_TABLES)]
+    SQLModel.metadata.create_all(engine, tables=baseline)
 
 
 def _diff(url: str) -> list:
@@ -78,7 +84,7 @@ def test_sqlite_store_auto_migrates_on_first_use(tmp_path: Path) -> None:
 def test_sqlite_database_from_before_migrations_is_adopted(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'state.db'}"
     engine = make_engine(url)
-    SQLModel.metadata.create_all(engine)  # how releases before Alembic made the schema
+    _create_baseline_tables(engine)
     assert migrate.status(engine).state == "legacy"
     engine.dispose()
     store = StateStore(url)
@@ -89,7 +95,7 @@ def test_sqlite_database_from_before_migrations_is_adopted(tmp_path: Path) -> No
 def test_sqlite_without_auto_migrate_names_the_command(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'state.db'}"
     engine = make_engine(url)
-    SQLModel.metadata.create_all(engine)
+    _create_baseline_tables(engine)
     engine.dispose()
     with pytest.raises(StateSchemaError, match="handoff state migrate"):
         StateStore(url, auto_migrate=False)
@@ -101,18 +107,19 @@ def test_postgres_empty_database_is_installed_on_first_start(pg_url: str) -> Non
     store.close()
 
 
-def test_postgres_behind_stops_with_the_fix(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    StateStore(pg_url).close()  # at 0001
-    monkeypatch.setattr(migrate, "head", lambda: "0002")  # as if this Handoff were newer
+def test_postgres_behind_stops_with_the_fix(pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    migrate.upgrade(engine, "0001")  # a database the previous release left
+    engine.dispose()
     with pytest.raises(StateSchemaError) as info:
         StateStore(pg_url)
     msg = str(info.value)
-    assert "handoff state migrate" in msg and "0001" in msg and "0002" in msg
+    assert "handoff state migrate" in msg and "0001" in msg and migrate.head() in msg
 
 
 def test_postgres_from_before_migrations_needs_migrate(pg_url: str) -> None:
     engine = make_engine(pg_url)
-    SQLModel.metadata.create_all(engine)
+    _create_baseline_tables(engine)
     engine.dispose()
     with pytest.raises(StateSchemaError, match="handoff state migrate"):
         StateStore(pg_url)
