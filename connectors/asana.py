@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import DealStamp, Milestone, ProjectRef, ProjectSpec, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
-from connectors.http import JsonApi, RateBudget, RetryPolicy, parse_retry_after
+from connectors.http import (
+    BudgetFactory,
+    JsonApi,
+    RateBudget,
+    RetryPolicy,
+    local_budget,
+    parse_retry_after,
+)
 
 PAGE = 100  # Asana's maximum `limit`
 
@@ -71,7 +78,12 @@ class AsanaProjects(ProjectTool):
     kind = "asana"
 
     def __init__(
-        self, name: str, settings: AsanaSettings, transport: httpx.BaseTransport | None = None
+        self,
+        name: str,
+        settings: AsanaSettings,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        budgets: BudgetFactory | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -90,7 +102,7 @@ class AsanaProjects(ProjectTool):
             AsanaHttp(name),
             client,
             settings.retry,
-            RateBudget([(settings.requests_per_minute, 60.0)]),
+            (budgets or local_budget)("requests", [(settings.requests_per_minute, 60.0)]),
             self.calls,
         )
         self._workspace: str | None = None

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from connectors.base import DealStamp, Milestone, ProjectRef, ProjectSpec, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
-from connectors.http import JsonApi, RateBudget, RetryPolicy
+from connectors.http import BudgetFactory, JsonApi, RateBudget, RetryPolicy, local_budget
 from connectors.secrets import register_secret
 
 # https://developer.clickup.com/reference/gettasks - "Responses are limited to 100 tasks per page."
@@ -147,7 +147,12 @@ class ClickUpProjects(ProjectTool):
     kind = "clickup"
 
     def __init__(
-        self, name: str, settings: ClickUpSettings, transport: httpx.BaseTransport | None = None
+        self,
+        name: str,
+        settings: ClickUpSettings,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        budgets: BudgetFactory | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -168,7 +173,9 @@ class ClickUpProjects(ProjectTool):
             ClickUpHttp(name, settings.retry.max_retry_after),
             client,
             settings.retry,
-            RateBudget([(settings.requests_per_minute, RATE_WINDOW_SECONDS)]),
+            (budgets or local_budget)(
+                "requests", [(settings.requests_per_minute, RATE_WINDOW_SECONDS)]
+            ),
             self.calls,
         )
         self.zone = ZoneInfo(settings.timezone)

@@ -132,22 +132,49 @@ def call_with_retry(
         raise
 
 
+class Limits(Protocol):
+    """What `RateBudget` needs of a limiter: pyrate-limiter's `Limiter`, or a wrapper of one
+    (the shared budgets in `connectors.shared_budget`)."""
+
+    def try_acquire(self, name: str) -> Any: ...
+
+
+class SharedPause(Protocol):
+    """A pause seen by every replica that shares a budget (the vendor said "wait")."""
+
+    def extend(self, seconds: float) -> None: ...
+
+    def remaining(self) -> float: ...
+
+
 class RateBudget:
     """Client-side rate limiting for one connection: the vendor's documented windows,
-    paused further whenever the vendor's headers say the budget is spent."""
+    paused further whenever the vendor's headers say the budget is spent.
 
-    def __init__(self, rates: list[tuple[int, float]], limiter: Limiter | None = None) -> None:
+    In-process by default; `limiter` and `shared_pause` put the windows and the pause in a
+    store that several replicas share (see `connectors.shared_budget`).
+    """
+
+    def __init__(
+        self,
+        rates: list[tuple[int, float]],
+        limiter: Limits | None = None,
+        shared_pause: SharedPause | None = None,
+    ) -> None:
         self.rates = rates
-        self._limiter = limiter or (
+        self._limiter: Limits | None = limiter or (
             Limiter(InMemoryBucket([Rate(n, int(s * Duration.SECOND)) for n, s in rates]))
             if rates
             else None
         )
+        self._shared_pause = shared_pause
         self._paused_until = 0.0
         self._lock = threading.Lock()
 
     def acquire(self, key: str = "default") -> None:
         wait = self._paused_until - time.monotonic()
+        if self._shared_pause is not None:
+            wait = max(wait, self._shared_pause.remaining())
         if wait > 0:
             time.sleep(wait)
         if self._limiter is not None:
@@ -157,6 +184,18 @@ class RateBudget:
         """Hold every caller of this budget back for `seconds` (the vendor said so)."""
         with self._lock:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        if self._shared_pause is not None:
+            self._shared_pause.extend(seconds)
+
+
+# Builds a connection's budget from a purpose ("requests", "search") and its windows
+# [(requests, seconds)]; whoever builds connectors passes one to share budgets between replicas.
+BudgetFactory = Callable[[str, list[tuple[int, float]]], RateBudget]
+
+
+def local_budget(purpose: str, rates: list[tuple[int, float]]) -> RateBudget:
+    """The in-process budget: what a connector uses when no `BudgetFactory` is given."""
+    return RateBudget(rates)
 
 
 class VendorHttp(Protocol):

@@ -18,7 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import CRM, Deal, DealStatus, DealUpdate, WriteOutcome
 from connectors.errors import ConnectorError, ErrorKind, kind_for_status
-from connectors.http import RateBudget, RetryPolicy, call_with_retry, parse_retry_after
+from connectors.http import (
+    BudgetFactory,
+    RetryPolicy,
+    call_with_retry,
+    local_budget,
+    parse_retry_after,
+)
 from connectors.secrets import redact
 
 T = TypeVar("T")
@@ -69,15 +75,23 @@ def _parse_time(value: Any) -> datetime:
 class HubSpotCRM(CRM):
     kind = "hubspot"
 
-    def __init__(self, name: str, settings: HubSpotSettings, client: Any = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: HubSpotSettings,
+        client: Any = None,
+        *,
+        budgets: BudgetFactory | None = None,
+    ) -> None:
         super().__init__()
         from urllib3.util.retry import Retry
 
         self.name = name
         self.settings = settings
         self.policy = settings.retry
-        self.budget = RateBudget([(settings.requests_per_10s, 10.0)])
-        self.search_budget = RateBudget([(settings.search_per_second, 1.0)])
+        make_budget = budgets or local_budget
+        self.budget = make_budget("requests", [(settings.requests_per_10s, 10.0)])
+        self.search_budget = make_budget("search", [(settings.search_per_second, 1.0)])
         self._access_token = settings.auth.token
         self._token_expires = float("inf")
         self._lock = threading.Lock()

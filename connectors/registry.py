@@ -17,6 +17,7 @@ from connectors.clickup import PROJECT_FIELDS as CLICKUP_PROJECT_FIELDS
 from connectors.clickup import ClickUpSettings
 from connectors.hubspot import HubSpotSettings
 from connectors.salesforce import SalesforceSettings
+from connectors.shared_budget import SharedBudgets
 
 Role = Literal["crm", "project_tool"]
 
@@ -44,8 +45,17 @@ def role_of(kind: str) -> Role:
     return CONNECTION_SETTINGS[kind][0]
 
 
-def build_connector(name: str, settings: Any) -> CRM | ProjectTool:
-    """Construct the connector for a validated connection (no network call here)."""
+def build_connector(
+    name: str, settings: Any, budgets: SharedBudgets | None = None
+) -> CRM | ProjectTool:
+    """Construct the connector for a validated connection (no network call here).
+
+    With `budgets`, the connection's rate budgets are shared with every process that uses the
+    same backend and connection name; without, each process paces itself alone.
+    """
     _, _, target = CONNECTION_SETTINGS[settings.kind]
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)(name, settings)
+    connector = getattr(importlib.import_module(module), cls)
+    if budgets is None:
+        return connector(name, settings)
+    return connector(name, settings, budgets=budgets.for_connection(settings.kind, name))

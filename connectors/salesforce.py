@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from connectors.base import CRM, Deal, DealStatus, DealUpdate, WriteOutcome
 from connectors.errors import AUTH_HINT, ConnectorError, ErrorKind, kind_for_status
-from connectors.http import RateBudget, RetryPolicy, call_with_retry
+from connectors.http import BudgetFactory, RetryPolicy, call_with_retry, local_budget
 from connectors.secrets import redact, register_secret
 
 T = TypeVar("T")
@@ -221,13 +221,21 @@ class SalesforceCRM(CRM):
     kind = "salesforce"
     write_batch_size = COLLECTION_MAX
 
-    def __init__(self, name: str, settings: SalesforceSettings, client: Any = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: SalesforceSettings,
+        client: Any = None,
+        *,
+        budgets: BudgetFactory | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
         self.settings = settings
         self.policy = settings.retry
-        self.budget = RateBudget(_rate(settings.requests_per_second))
-        self.slow_budget = RateBudget(_rate(settings.near_limit_requests_per_second))
+        make_budget = budgets or local_budget
+        self.budget = make_budget("requests", _rate(settings.requests_per_second))
+        self.slow_budget = make_budget("near_limit", _rate(settings.near_limit_requests_per_second))
         auth = settings.auth
         for secret in (
             auth.password,

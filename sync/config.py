@@ -8,6 +8,7 @@ registered for redaction and never printed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from connectors.registry import (
     role_of,
 )
 from connectors.secrets import register_secret
+from connectors.shared_budget import SharedBudgetSettings
 from mappings.field_map import CompiledFieldMap, compile_field_map, resolve_mapping_path
 from mappings.problems import Problem, ProblemsFound, problems_from_validation
 from mappings.yaml_source import LocatedYaml, load_yaml
@@ -61,6 +63,20 @@ class Strict(BaseModel):
 
 class StateConfig(Strict):
     url: str = Field("sqlite:///handoff.db", description="SQLAlchemy URL; SQLite by default")
+
+
+class RateBudgetConfig(Strict):
+    shared: Literal["none", "redis", "postgres"] = Field(
+        "none",
+        description="where replicas share each connection's rate budget: none (each process "
+        "alone), redis (url below) or postgres (the state database)",
+    )
+    url: str | None = Field(None, description="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    key_prefix: str = Field(
+        "handoff",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="namespace of the shared budgets: one per deployment sharing a Redis",
+    )
 
 
 class ScheduleConfig(Strict):
@@ -115,6 +131,7 @@ class PipelineConfig(Strict):
 class Config(Strict):
     version: Literal[1] = 1
     state: StateConfig = Field(default_factory=StateConfig)
+    rate_budget: RateBudgetConfig = Field(default_factory=RateBudgetConfig)
     secrets_file: str | None = None
     connections: dict[str, ConnectionSettings]
     pipelines: list[PipelineConfig]
@@ -140,6 +157,22 @@ class LoadedConfig:
             if rel and rel != ":memory:" and not os.path.isabs(rel):
                 return "sqlite:///" + str((self.path.parent / rel).resolve())
         return url
+
+    @property
+    def shared_budget(self) -> SharedBudgetSettings:
+        """Where connections keep their rate budgets (checked by `load_config`)."""
+        rb = self.config.rate_budget
+        if rb.shared == "postgres":
+            return SharedBudgetSettings("postgres", libpq_url(self.state_url), rb.key_prefix)
+        return SharedBudgetSettings(rb.shared, rb.url, rb.key_prefix)
+
+
+def libpq_url(sqlalchemy_url: str) -> str:
+    """The SQLAlchemy URL of a PostgreSQL database as libpq (psycopg) takes it."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(sqlalchemy_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
 
 
 def _read_secrets_file(path: Path) -> dict[str, str]:
@@ -211,7 +244,8 @@ def _interpolate(
 
 
 def _register_url_password(url: str) -> None:
-    m = re.match(r"^[a-z+]+://[^:/@]+:([^@]+)@", url)
+    # The user may be empty (redis://:PASSWORD@host).
+    m = re.match(r"^[a-z+]+://[^:/@]*:([^@/]+)@", url)
     if m:
         register_secret(m.group(1))
 
@@ -394,7 +428,74 @@ def _cross_check(
                     "keep one of them",
                 )
             )
+    problems += _check_rate_budget(config, doc)
     return problems
+
+
+def _check_rate_budget(config: Config, doc: LocatedYaml) -> list[Problem]:
+    rb = config.rate_budget
+    shared_at = ("rate_budget", "shared")
+
+    def problem(loc: tuple[str, ...], message: str, fix: str) -> Problem:
+        return Problem(doc.path, doc.line_of(loc), ".".join(loc), message, fix)
+
+    if rb.shared == "postgres":
+        found = []
+        backend = config.state.url.partition(":")[0].partition("+")[0]
+        if backend != "postgresql":
+            found.append(
+                problem(
+                    shared_at,
+                    "shared: postgres keeps the rate budget in the state database, "
+                    f"but state.url is a {backend or 'non-PostgreSQL'} database",
+                    "point state.url at PostgreSQL (postgresql+psycopg://...), or use "
+                    "shared: redis with a url, or shared: none for a single replica",
+                )
+            )
+        if importlib.util.find_spec("psycopg_pool") is None:
+            found.append(
+                problem(
+                    shared_at,
+                    "shared: postgres needs the psycopg-pool package, which is not installed",
+                    "pip install 'handoff[postgres]'",
+                )
+            )
+        if rb.url:
+            found.append(
+                problem(
+                    ("rate_budget", "url"),
+                    "url is not used with shared: postgres (the budget lives in state.url)",
+                    "remove url, or set shared: redis",
+                )
+            )
+        return found
+    if rb.shared == "redis":
+        if not rb.url:
+            return [
+                problem(
+                    shared_at,
+                    "shared: redis needs the Redis server's address",
+                    "add url: redis://HOST:6379/0 under rate_budget (or url: ${REDIS_URL})",
+                )
+            ]
+        if rb.url.partition("://")[0] not in ("redis", "rediss", "unix"):
+            return [
+                problem(
+                    ("rate_budget", "url"),
+                    "this is not a Redis URL",
+                    "write redis://HOST:6379/0 (rediss:// for TLS, unix:///path.sock?db=0)",
+                )
+            ]
+        return []
+    if rb.url:
+        return [
+            problem(
+                ("rate_budget", "url"),
+                "url is used only with shared: redis",
+                "remove url, or add shared: redis",
+            )
+        ]
+    return []
 
 
 __all__ = [

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -20,6 +21,7 @@ from connectors.base import CRM, Connector, DealStamp, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
 from connectors.registry import build_connector
 from connectors.secrets import redact
+from connectors.shared_budget import shared_budgets
 from state.store import StateStore
 from sync.back import STREAM as BACK_STREAM
 from sync.back import BackSync
@@ -78,13 +80,16 @@ class PipelineResult:
 
 class Connections:
     """One connector per configured connection, shared by every pipeline in this process
-    (so each connection has one rate budget)."""
+    (so each connection has one rate budget; `rate_budget.shared` shares it between
+    processes too)."""
 
     def __init__(
         self, loaded: LoadedConfig, factory: Callable[[str, Any], Connector] | None = None
     ) -> None:
         self.loaded = loaded
-        self.factory = factory or build_connector
+        self.factory = factory or partial(
+            build_connector, budgets=shared_budgets(loaded.shared_budget)
+        )
         self._built: dict[str, Connector] = {}
 
     def get(self, name: str) -> Connector:
