@@ -194,7 +194,7 @@ class DriverStatement:
         compiled = stmt.compile(dialect=dialect)
         names = tuple(compiled.positiontup or compiled.binds)
         convert = []
-        for name in names:
+        for name in dict.fromkeys(names):  # a shared bind appears once per use
             proc = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
             if proc is not None:
                 convert.append((name, proc))
@@ -209,6 +209,15 @@ class DriverStatement:
             conn.exec_driver_sql(self.sql, [tuple(row[n] for n in names) for row in rows])
         else:
             conn.exec_driver_sql(self.sql, rows)
+
+    def execute(self, conn: Any, params: dict[str, Any]) -> Any:
+        """One execution; returns the driver's result (rows, for RETURNING)."""
+        params = dict(params)
+        for name, proc in self.convert:
+            params[name] = proc(params[name])
+        if self.positional:
+            return conn.exec_driver_sql(self.sql, tuple(params[n] for n in self.names))
+        return conn.exec_driver_sql(self.sql, params)
 
 
 class StateStore:
@@ -409,31 +418,49 @@ class StateStore:
         were already linked or claimed by someone else)."""
         if not deal_ids:
             return set()
-        stmt = self._statements.get("claim")
-        if stmt is None:
-            table = LinkRow.__table__
-            empty = literal_column("'{}'")  # the JSON columns' empty value, in SQL: no per-row dump
-            stmt = self._statements["claim"] = (
-                self._insert(table)
-                .values(
-                    state=literal_column("'pending'"),
-                    deal_status=literal_column("'won'"),
-                    forward_prints=empty,
-                    back_prints=empty,
-                    milestones=empty,
-                )
-                .on_conflict_do_nothing(index_elements=["pipeline", "deal_id"])
-                .returning(table.c.deal_id)
-            )
-        now = utcnow()
-        rows = [
-            {"pipeline": pipeline, "deal_id": d, "created_at": now, "updated_at": now}
-            for d in dict.fromkeys(deal_ids)
-        ]
-        # executemany + RETURNING (SQLAlchemy's "insertmanyvalues"): one cached statement,
-        # batched on the wire; only the rows actually inserted come back.
+        # Sorted: two runs claiming overlapping pages take the row locks in the same order,
+        # so PostgreSQL never has to break a deadlock between them.
+        ids = sorted(set(deal_ids))
+        now, claimed = utcnow(), set()
         with self.engine.begin() as conn:
-            return {r[0] for r in conn.execute(stmt, rows)}
+            # 200 rows = 800 binds: under every SQLite build's limit (999 before 3.32).
+            for start in range(0, len(ids), 200):
+                chunk = ids[start : start + 200]
+                stmt = self._statements.get(("claim", len(chunk)))
+                if stmt is None:
+                    stmt = self._claim_statement(len(chunk))
+                    self._statements[("claim", len(chunk))] = stmt
+                params: dict[str, Any] = {"pipeline": pipeline, "now": now}
+                params.update((f"d{i}", d) for i, d in enumerate(chunk))
+                claimed.update(r[0] for r in stmt.execute(conn, params))
+        return claimed
+
+    def _claim_statement(self, n: int) -> DriverStatement:
+        """INSERT of `n` pending links in one multi-row VALUES ... ON CONFLICT DO NOTHING
+        RETURNING: only the deal id varies per row (one bind each); the rest are shared
+        binds and SQL literals, so a page's claim costs one small parameter tuple."""
+        table = LinkRow.__table__
+        empty = literal_column("'{}'")  # the JSON columns' empty value: no per-row dump
+        shared = {
+            "pipeline": bindparam("pipeline", type_=table.c.pipeline.type),
+            "state": literal_column("'pending'"),
+            "deal_status": literal_column("'won'"),
+            "forward_prints": empty,
+            "back_prints": empty,
+            "milestones": empty,
+            "created_at": bindparam("now", type_=table.c.created_at.type),
+            "updated_at": bindparam("now", type_=table.c.updated_at.type),
+        }
+        rows = [
+            {**shared, "deal_id": bindparam(f"d{i}", type_=table.c.deal_id.type)} for i in range(n)
+        ]
+        stmt = (
+            self._insert(table)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["pipeline", "deal_id"])
+            .returning(table.c.deal_id)
+        )
+        return DriverStatement.compile(stmt, self.engine.dialect)
 
     def save_link(self, link: Link) -> None:
         """Record a created/adopted project at once, outside the page transaction."""
@@ -519,26 +546,28 @@ class StateStore:
             # A record parked again in this same page keeps its dead letter (and its count).
             resolved = set(page.resolved) - {p.record_id for p in page.parked}
             if resolved:
-                stmt = self._statements.get("resolve")
-                if stmt is None:
-                    c = DeadLetterRow.__table__.c
-                    stmt = self._statements["resolve"] = delete(DeadLetterRow.__table__).where(
-                        c.pipeline == bindparam("pipeline"),
-                        c.stream == bindparam("stream"),
-                        c.record_id.in_(bindparam("ids", expanding=True)),
-                    )
-                s.connection().execute(
-                    stmt,
-                    {
-                        "pipeline": page.pipeline,
-                        "stream": page.dlq_stream or page.stream,
-                        "ids": sorted(resolved),
-                    },
+                self._resolve(
+                    s.connection(), page.pipeline, page.dlq_stream or page.stream, resolved
                 )
             for p in page.parked:
                 self._park(s, page.pipeline, p, now)
             if page.cursor is not None:
                 self._write_cursor(s, page.pipeline, page.stream, page.cursor)
+
+    def _resolve(self, conn: Any, pipeline: str, stream: str, record_ids: set[str]) -> None:
+        """Clear the dead letters of records applied in this page. Almost always there are
+        none: one indexed probe first spares the statement with a parameter per record."""
+        probe = self._statements.get("dlq_probe")
+        if probe is None:
+            c = DeadLetterRow.__table__.c
+            where = (c.pipeline == bindparam("pipeline"), c.stream == bindparam("stream"))
+            probe = self._statements["dlq_probe"] = select(c.id).where(*where).limit(1)
+            self._statements["dlq_delete"] = delete(DeadLetterRow.__table__).where(
+                *where, c.record_id.in_(bindparam("ids", expanding=True))
+            )
+        params = {"pipeline": pipeline, "stream": stream}
+        if conn.execute(probe, params).first() is not None:
+            conn.execute(self._statements["dlq_delete"], {**params, "ids": sorted(record_ids)})
 
     def _park(self, s: Session, pipeline: str, p: Parked, now: datetime) -> None:
         existing = s.exec(

@@ -70,6 +70,9 @@ class _DealLog:
     def __init__(self, log: Any, deal_id: str) -> None:
         self._log, self._deal_id = log, deal_id
 
+    def debug(self, event: str, **kw: Any) -> None:
+        self._log.debug(event, deal_id=self._deal_id, **kw)
+
     def info(self, event: str, **kw: Any) -> None:
         self._log.info(event, deal_id=self._deal_id, **kw)
 
@@ -103,6 +106,11 @@ class ForwardSync:
     stream: str = STREAM
     adopt_first: bool = False  # look for stamped projects before every create
     _claimed_now: set[str] = field(default_factory=set)  # claims this page took
+    # deal id -> project id, logged once per page: a line per project costs a backfill as
+    # much CPU as the state writes (each is still a debug line, and in the links table).
+    _page_log: dict[str, dict[str, str]] = field(
+        default_factory=lambda: {"created": {}, "adopted": {}}
+    )
 
     def __post_init__(self) -> None:
         self.log = self.log.bind(pipeline=self.pipeline)
@@ -154,6 +162,7 @@ class ForwardSync:
             commit.resolved.append(missing)
         if not self.dry_run:
             self.store.commit_page(commit)
+            self._log_linked()
         return self.counts
 
     def _apply_page(self, page: list[Deal], high: Any) -> Any:
@@ -196,6 +205,7 @@ class ForwardSync:
         if not self.dry_run:
             commit.cursor = high
             self.store.commit_page(commit)
+            self._log_linked()
         return high
 
     # -- one deal -----------------------------------------------------------------------------
@@ -269,12 +279,14 @@ class ForwardSync:
             ref = self._with_step("adopt", lambda: self.tool.find_project(stamp, name))
         if ref is not None:
             self.counts.adopted += 1
-            log.info("project.adopted", project_id=ref.id)
+            self._page_log["adopted"][deal.id] = ref.id
+            log.debug("project.adopted", project_id=ref.id)
         else:
             ref = self._create(spec, stamp, deal, log)
             failpoint("after-create")  # the crash window the claim-and-stamp protocol closes
             self.counts.created += 1
-            log.info("project.created", project_id=ref.id, project=ref.name)
+            self._page_log["created"][deal.id] = ref.id
+            log.debug("project.created", project_id=ref.id, project=ref.name)
         link.state, link.project_id = "created", ref.id
         link.project_name, link.project_url = ref.name, ref.url
         link.deal_status = str(deal.status)
@@ -397,6 +409,13 @@ class ForwardSync:
         )
 
     # -- bookkeeping --------------------------------------------------------------------------
+    def _log_linked(self) -> None:
+        """One line per committed page: deal id -> project id, created and adopted."""
+        made = {k: v for k, v in self._page_log.items() if v}
+        if made:
+            self.log.info("projects.linked", **made)
+        self._page_log = {"created": {}, "adopted": {}}
+
     def _page_commit(self) -> PageCommit:
         return PageCommit(
             self.pipeline, self.stream, dlq_stream=STREAM, link_columns=FORWARD_LINK_COLUMNS

@@ -100,3 +100,31 @@ def test_a_page_commits_links_cursor_seen_and_dead_letters_together(store):
     with pytest.raises(Exception):  # noqa: B017 - any database error
         store.commit_page(broken)
     assert store.get_cursor("p", "deals") == Cursor(now, "b")  # nothing of it landed
+
+
+def test_claim_many_splits_a_page_between_concurrent_claimers(store: StateStore) -> None:
+    """Two runs claim overlapping pages of 450 deals (three statements each) at once: every
+    deal goes to exactly one of them, and a later claim of the same deals gets none."""
+    ids = [f"d{i:04d}" for i in range(450)]
+    results: list[set[str]] = []
+    barrier = threading.Barrier(2)
+
+    def claim(order: list[str]) -> None:
+        barrier.wait()
+        results.append(store.claim_many("p", order))
+
+    threads = [
+        threading.Thread(target=claim, args=(ids,)),
+        threading.Thread(target=claim, args=(ids[::-1] + ids[:5],)),  # repeats are ignored
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first, second = results
+    assert not first & second
+    assert first | second == set(ids)
+    assert store.claim_many("p", ids) == set()
+    links = store.links_for("p", ids)
+    assert len(links) == 450 and {li.state for li in links.values()} == {"pending"}
+    assert links["d0001"].forward_prints == {} and links["d0001"].milestones == {}
