@@ -8,6 +8,7 @@ in the same transaction as that page's links, seen marks and dead letters.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -108,6 +109,8 @@ class ForwardSync:
     _claimed_now: set[str] = field(default_factory=set)  # claims this page took
     # deal id -> project id, logged once per page: a line per project costs a backfill as
     # much CPU as the state writes (each is still a debug line, and in the links table).
+    # record id -> version applied and committed this run, inside the overlap of the cursor
+    _window: dict[str, datetime] = field(default_factory=dict)
     _page_log: dict[str, dict[str, str]] = field(
         default_factory=lambda: {"created": {}, "adopted": {}}
     )
@@ -131,6 +134,7 @@ class ForwardSync:
             self.adopt_first = True
         high = cursor
         fields = self.field_map.deal_fields
+        self._window = {}
         try:
             for page in self.crm.read_changed_deals(since, fields, until):
                 high = self._apply_page(page, high)
@@ -138,9 +142,25 @@ class ForwardSync:
                     self.on_page()
         except ConnectorError as exc:
             raise StopRun(exc) from exc
+        except BaseException:
+            if high is not None and not self.dry_run:
+                with contextlib.suppress(Exception):  # the first failure is the one to report
+                    self._save_window(high)
+            raise
         if high is not None and not self.dry_run:
-            self.store.prune_seen(self.pipeline, self.stream, high.modified_at - self.overlap)
+            self._save_window(high)
         return self.counts
+
+    def _save_window(self, high: Any) -> None:
+        """Seen marks for the committed versions the next run may read again (those inside
+        the overlap of the cursor), written once at the end: marks are a saving, not a
+        guarantee (a re-applied version changes nothing), so a crash that loses them only
+        costs the next run a few re-applied records, and a backfill writes almost none."""
+        oldest = high.modified_at - self.overlap
+        keep = [(i, ts) for i, ts in self._window.items() if ts >= oldest]
+        if keep:
+            self.store.commit_page(PageCommit(self.pipeline, self.stream, seen=keep))
+        self.store.prune_seen(self.pipeline, self.stream, oldest)
 
     def retry(self, deal_ids: list[str]) -> Counts:
         """Re-apply parked deals as they are now in the CRM; the cursor does not move."""
@@ -186,26 +206,28 @@ class ForwardSync:
             links.update(self.store.links_for(self.pipeline, taken_elsewhere))
             for deal_id in self._claimed_now:
                 links[deal_id] = Link(self.pipeline, deal_id, "pending", None)
+        applied: list[tuple[str, datetime]] = []
         for deal in page:
             self.counts.read += 1
             if marks.get(deal.id) == deal.modified_at:
                 continue  # this exact version was applied by an earlier read of the window
             self._apply(deal, links.get(deal.id), commit)
-            commit.seen.append((deal.id, deal.modified_at))
+            applied.append((deal.id, deal.modified_at))
             if high is None or deal.cursor > high:
                 high = deal.cursor
         if self.on_progress:
             self.on_progress(len(page))
-        if high is not None and commit.seen:
-            # Only a version inside the overlap window can be read again (the next run starts
-            # at cursor - overlap and the cursor never goes back): a backfill of old history
-            # writes no seen marks at all.
-            oldest = high.modified_at - self.overlap
-            commit.seen = [(i, ts) for i, ts in commit.seen if ts >= oldest]
         if not self.dry_run:
             commit.cursor = high
             self.store.commit_page(commit)
             self._log_linked()
+            if high is not None:
+                # Only a version inside the overlap window can be read again (the next run
+                # starts at cursor - overlap and the cursor never goes back).
+                oldest = high.modified_at - self.overlap
+                window = {i: ts for i, ts in self._window.items() if ts >= oldest}
+                window.update((i, ts) for i, ts in applied if ts >= oldest)
+                self._window = window
         return high
 
     # -- one deal -----------------------------------------------------------------------------
