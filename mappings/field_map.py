@@ -6,6 +6,7 @@ into a project spec plus the kept-in-sync values, collecting every error for tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
@@ -54,21 +55,25 @@ class CompiledFieldMap:
     # Texts whose only name is `today` (a due date 90 days out): rendered once per day, not
     # once per deal.
     daily: set[str] = field(default_factory=set)
-    _daily_cache: dict[tuple[str, Any], str] = field(default_factory=dict, repr=False)
+    _daily_cache: dict[tuple[Any, Any], Any] = field(default_factory=dict, repr=False)
 
     def template(self, text: str) -> Template:
         return self.templates[text]
 
     def render(self, text: str, context: dict[str, Any]) -> str:
         if text in self.daily:
-            key = (text, context.get("today"))
-            cached = self._daily_cache.get(key)
-            if cached is None:
-                if len(self._daily_cache) > 256:  # a daemon running for months
-                    self._daily_cache.clear()
-                cached = self._daily_cache[key] = self._render(text, context)
-            return cached
+            return self.once_a_day(text, context, lambda: self._render(text, context))
         return self._render(text, context)
+
+    def once_a_day(self, key: Any, context: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        """`compute()` for `key`, cached for the context's `today`."""
+        full = (key, context.get("today"))
+        cached = self._daily_cache.get(full)
+        if cached is None:
+            if len(self._daily_cache) > 256:  # a daemon running for months
+                self._daily_cache.clear()
+            cached = self._daily_cache[full] = compute()
+        return cached
 
     def _render(self, text: str, context: dict[str, Any]) -> str:
         """`Template.render`, minus the per-call merge of Jinja's globals into the context
@@ -219,6 +224,15 @@ def evaluate(
     cm: CompiledFieldMap, name: str, rule: FieldRule, context: dict[str, Any], source: dict
 ) -> tuple[Any, MappingError | None]:
     """One target field's value, or the reason it cannot be computed."""
+    if rule.template is not None and rule.source is None and rule.template in cm.daily:
+        # The same all day for every record (a due date 90 days out): computed once.
+        return cm.once_a_day(id(rule), context, lambda: _evaluate(cm, name, rule, context, source))
+    return _evaluate(cm, name, rule, context, source)
+
+
+def _evaluate(
+    cm: CompiledFieldMap, name: str, rule: FieldRule, context: dict[str, Any], source: dict
+) -> tuple[Any, MappingError | None]:
     try:
         if rule.source is not None:
             value = source.get(rule.source)

@@ -136,12 +136,15 @@ class RecordView(dict):
     its own, so reading a field needs none of the sandbox's attribute checks."""
 
 
+_DICT_NAMES = frozenset(dir(dict))
+
+
 class MappingEnvironment(SandboxedEnvironment):
     def getattr(self, obj: Any, attribute: str) -> Any:
         # `deal.amount` on a record: the item, unless a dict method has that name (Jinja
         # looks attributes up first). Half of a typical template's cost otherwise goes to
         # the sandbox trying getattr on a dict and catching the AttributeError.
-        if type(obj) is RecordView and attribute in obj and not hasattr(dict, attribute):
+        if type(obj) is RecordView and attribute in obj and attribute not in _DICT_NAMES:
             return obj[attribute]
         return super().getattr(obj, attribute)
 
