@@ -272,22 +272,36 @@ class StateStore:
                 self._write_cursor(s, pipeline, stream, cursor)
 
     def _write_cursor(self, s: Session, pipeline: str, stream: str, cursor: Cursor) -> None:
-        stmt = self._insert(CursorRow.__table__).values(
-            pipeline=pipeline,
-            stream=stream,
-            modified_at=cursor.modified_at,
-            record_id=cursor.record_id,
-            updated_at=utcnow(),
-        )
-        s.exec(
-            stmt.on_conflict_do_update(
-                index_elements=["pipeline", "stream"],
-                set_={
-                    "modified_at": stmt.excluded.modified_at,
-                    "record_id": stmt.excluded.record_id,
-                    "updated_at": stmt.excluded.updated_at,
-                },
+        stmt = self._statements.get("cursor")
+        if stmt is None:
+            c = CursorRow.__table__.c
+            ins = self._insert(CursorRow.__table__).values(
+                pipeline=bindparam("pipeline", type_=c.pipeline.type),
+                stream=bindparam("stream", type_=c.stream.type),
+                modified_at=bindparam("modified_at", type_=c.modified_at.type),
+                record_id=bindparam("record_id", type_=c.record_id.type),
+                updated_at=bindparam("updated_at", type_=c.updated_at.type),
             )
+            stmt = self._statements["cursor"] = DriverStatement.compile(
+                ins.on_conflict_do_update(
+                    index_elements=["pipeline", "stream"],
+                    set_={
+                        "modified_at": ins.excluded.modified_at,
+                        "record_id": ins.excluded.record_id,
+                        "updated_at": ins.excluded.updated_at,
+                    },
+                ),
+                self.engine.dialect,
+            )
+        stmt.execute(
+            s.connection(),
+            {
+                "pipeline": pipeline,
+                "stream": stream,
+                "modified_at": cursor.modified_at,
+                "record_id": cursor.record_id,
+                "updated_at": utcnow(),
+            },
         )
 
     def cursors(self, pipeline: str) -> dict[str, Cursor]:
