@@ -222,6 +222,9 @@ def translate_httpx(system: str, exc: Exception) -> ConnectorError | None:
     return None
 
 
+_COUNT_LOCK = threading.Lock()
+
+
 @dataclass
 class JsonApi:
     """An httpx client for one connection: retries, rate budget, call counting."""
@@ -254,7 +257,8 @@ class JsonApi:
 
         def send() -> Any:
             self.budget.acquire()
-            self.calls[route] += 1
+            with _COUNT_LOCK:  # the engine creates projects from several threads at once
+                self.calls[route] += 1
             response = self.client.request(method, url, params=params, json=json)
             self.vendor.observe(response, self.budget)
             if response.status_code >= 400:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -131,16 +132,19 @@ class MemoryProjects(ProjectTool):
         self.milestones: dict[str, Milestone] = {}
         self.fault = fault
         self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # the engine creates from several threads at once
 
     def _op(self, op: str) -> str | None:
-        self.calls[op] += 1
+        with self._lock:
+            self.calls[op] += 1
         return self.fault(op) if self.fault else None
 
     def create_project(self, spec: ProjectSpec, stamp: DealStamp) -> ProjectRef:
         after = self._op("create")
-        pid = f"p{next(self._ids)}"
-        ref = ProjectRef(pid, spec.name, f"memory://{pid}")
-        self.projects[pid] = MemoryProject(ref, stamp.marker, spec)
+        with self._lock:
+            pid = f"p{next(self._ids)}"
+            ref = ProjectRef(pid, spec.name, f"memory://{pid}")
+            self.projects[pid] = MemoryProject(ref, stamp.marker, spec)
         now = datetime.now(UTC)
         for i, m in enumerate(spec.milestones):
             mid = f"{pid}-m{i}"

@@ -108,6 +108,9 @@ class PipelineOptions(Strict):
     start_from: date | None = Field(None, description="first run reads deals changed since")
     lease_ttl: str = Field("10m", description="how long a run's lease lasts unless renewed")
     page_size: int = Field(100, ge=1, le=200)
+    parallel_creates: int = Field(
+        8, ge=1, le=15, description="projects created at once (Asana allows 15 writes at once)"
+    )
     milestone_type: str = Field("Milestone", description="ClickUp custom task type name")
 
     @field_validator("overlap", "lease_ttl")

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -81,6 +82,19 @@ class _DealLog:
         self._log.warning(event, deal_id=self._deal_id, **kw)
 
 
+@dataclass
+class _Create:
+    """A create deferred to the page's parallel phase, and its outcome."""
+
+    deal: Deal
+    link: Link
+    result: ForwardResult
+    stamp: DealStamp
+    log: Any
+    ref: Any = None
+    error: ConnectorError | None = None
+
+
 class StopRun(Exception):
     """A failure that ends the pipeline run (auth, unreachable): nothing more can succeed."""
 
@@ -106,6 +120,12 @@ class ForwardSync:
     plan: list[PlannedAction] = field(default_factory=list)
     stream: str = STREAM
     adopt_first: bool = False  # look for stamped projects before every create
+    # Projects created at once within a page: a vendor call takes far longer than the rate
+    # budget's spacing (Asana ~25 calls/s, 100-300 ms a call), so one at a time cannot use
+    # the budget. The budget still paces every call; bookkeeping stays in page order.
+    parallel_creates: int = 1
+    _creates: list[_Create] | None = None  # the page's deferred creates (None: create now)
+    _pool: ThreadPoolExecutor | None = None
     _claimed_now: set[str] = field(default_factory=set)  # claims this page took
     # deal id -> project id, logged once per page: a line per project costs a backfill as
     # much CPU as the state writes (each is still a debug line, and in the links table).
@@ -135,20 +155,23 @@ class ForwardSync:
         high = cursor
         fields = self.field_map.deal_fields
         self._window = {}
+        finished = False
         try:
             for page in self.crm.read_changed_deals(since, fields, until):
                 high = self._apply_page(page, high)
                 if self.on_page:
                     self.on_page()
+            finished = True
         except ConnectorError as exc:
             raise StopRun(exc) from exc
-        except BaseException:
+        finally:
+            self.close()
             if high is not None and not self.dry_run:
-                with contextlib.suppress(Exception):  # the first failure is the one to report
+                if finished:
                     self._save_window(high)
-            raise
-        if high is not None and not self.dry_run:
-            self._save_window(high)
+                else:
+                    with contextlib.suppress(Exception):  # the first failure is the one to tell
+                        self._save_window(high)
         return self.counts
 
     def _save_window(self, high: Any) -> None:
@@ -207,6 +230,8 @@ class ForwardSync:
             for deal_id in self._claimed_now:
                 links[deal_id] = Link(self.pipeline, deal_id, "pending", None)
         applied: list[tuple[str, datetime]] = []
+        if self.parallel_creates > 1 and not self.dry_run:
+            self._creates = []
         for deal in page:
             self.counts.read += 1
             if marks.get(deal.id) == deal.modified_at:
@@ -215,6 +240,9 @@ class ForwardSync:
             applied.append((deal.id, deal.modified_at))
             if high is None or deal.cursor > high:
                 high = deal.cursor
+        if self._creates:
+            self._run_creates(self._creates, commit)
+        self._creates = None
         if self.on_progress:
             self.on_progress(len(page))
         if not self.dry_run:
@@ -242,9 +270,17 @@ class ForwardSync:
                 self.counts.skipped += 1
                 self._planned(deal.id, "skip", f"deal is {deal.status}")
         except ConnectorError as exc:
-            if exc.kind in (ErrorKind.AUTH, ErrorKind.UNREACHABLE):
-                raise StopRun(exc) from exc
-            self._park(commit, deal.id, getattr(exc, "step", "apply"), exc.kind, str(exc), log)
+            self._failed(exc, deal.id, commit, log)
+
+    def _failed(self, exc: ConnectorError, deal_id: str, commit: PageCommit, log: Any) -> None:
+        made = getattr(exc, "project", None)
+        if made is not None:
+            # Created, then a later step failed: linked as partial by `_create`, counted here.
+            self.counts.created += 1
+            log.info("project.created", project_id=made.id, project=made.name, partial=True)
+        if exc.kind in (ErrorKind.AUTH, ErrorKind.UNREACHABLE):
+            raise StopRun(exc) from exc
+        self._park(commit, deal_id, getattr(exc, "step", "apply"), exc.kind, str(exc), log)
 
     def _apply_won(self, deal: Deal, link: Link | None, commit: PageCommit, log: Any) -> None:
         result = map_deal(self.field_map, deal, self._today)
@@ -303,12 +339,62 @@ class ForwardSync:
             self.counts.adopted += 1
             self._page_log["adopted"][deal.id] = ref.id
             log.debug("project.adopted", project_id=ref.id)
+        elif self._creates is not None:
+            self._creates.append(_Create(deal, link, result, stamp, log))
+            return
         else:
-            ref = self._create(spec, stamp, deal, log)
-            failpoint("after-create")  # the crash window the claim-and-stamp protocol closes
-            self.counts.created += 1
-            self._page_log["created"][deal.id] = ref.id
-            log.debug("project.created", project_id=ref.id, project=ref.name)
+            ref = self._create(spec, stamp, deal)
+            self._created(deal, ref, log)
+        self._link(deal, link, result, ref, commit)
+
+    def _created(self, deal: Deal, ref: Any, log: Any) -> None:
+        self.counts.created += 1
+        self._page_log["created"][deal.id] = ref.id
+        log.debug("project.created", project_id=ref.id, project=ref.name)
+
+    def _run_creates(self, creates: list[_Create], commit: PageCommit) -> None:
+        """The page's creates, `parallel_creates` at a time; then, in page order, each is
+        linked or parked as it would have been one at a time. Only vendor calls run in the
+        threads: counts, logs and the page commit stay on this one."""
+
+        def create(c: _Create) -> None:
+            try:
+                assert c.result.spec is not None
+                c.ref = self._create(c.result.spec, c.stamp, c.deal)
+            except ConnectorError as exc:
+                c.error = exc
+
+        rest = creates
+        if self._pool is None:
+            # The run's first create alone: it fills the connector's lazy look-ups (templates,
+            # custom fields), which concurrent first creates would each fetch again.
+            create(creates[0])
+            rest = creates[1:]
+            self._pool = ThreadPoolExecutor(self.parallel_creates, "handoff-create")
+        list(self._pool.map(create, rest))
+        fatal: StopRun | None = None
+        for c in creates:
+            if c.error is None:
+                self._created(c.deal, c.ref, c.log)
+                self._link(c.deal, c.link, c.result, c.ref, commit)
+                continue
+            try:
+                self._failed(c.error, c.deal.id, commit, c.log)
+            except StopRun as stop:
+                fatal = fatal or stop
+        if fatal is not None:
+            # The page is not committed: its created projects stay claimed and stamped, and
+            # the next run adopts them.
+            raise fatal
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _link(
+        self, deal: Deal, link: Link, result: ForwardResult, ref: Any, commit: PageCommit
+    ) -> None:
         link.state, link.project_id = "created", ref.id
         link.project_name, link.project_url = ref.name, ref.url
         link.deal_status = str(deal.status)
@@ -318,9 +404,13 @@ class ForwardSync:
         commit.link_updates.append(link)
         commit.resolved.append(deal.id)
 
-    def _create(self, spec: ProjectSpec, stamp: DealStamp, deal: Deal, log: Any) -> Any:
+    def _create(self, spec: ProjectSpec, stamp: DealStamp, deal: Deal) -> Any:
+        """The vendor calls of one create (may run on a worker thread: no counts, no logs;
+        the exception carries `project` when a project was made before a later step failed)."""
         try:
-            return self.tool.create_project(spec, stamp)
+            ref = self.tool.create_project(spec, stamp)
+            failpoint("after-create")  # the crash window the claim-and-stamp protocol closes
+            return ref
         except ConnectorError as exc:
             exc.step = "create"  # type: ignore[attr-defined]
             made = getattr(exc, "project", None)
@@ -339,8 +429,6 @@ class ForwardSync:
                         forward_prints={PARTIAL: "1"},
                     )
                 )
-                self.counts.created += 1
-                log.info("project.created", project_id=made.id, project=made.name, partial=True)
             elif exc.kind is ErrorKind.RECORD:
                 # Refused outright: no project exists, so the claim may go.
                 self.store.drop_claim(self.pipeline, deal.id)

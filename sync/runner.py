@@ -313,6 +313,7 @@ def run_pipeline(
             dry_run=dry_run,
             on_progress=on_progress,
             on_page=heartbeat,
+            parallel_creates=pipeline.options.parallel_creates,
         )
         back = BackSync(
             pipeline=pipeline.name,

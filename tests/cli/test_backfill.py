@@ -60,13 +60,16 @@ def test_killed_backfill_resumes_without_a_second_project(stack, tmp_path: Path)
     # Die right after the 5th project is created, before its link is saved.
     proc = handoff(*args, env={"HANDOFF_FAILPOINT": "after-create:5"})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert sum(stamps(stack, "clickup", "hubspot").values()) == 5
+    made = sum(stamps(stack, "clickup", "hubspot").values())
+    # Creates run 8 at a time, so up to 7 others may have finished beside the 5th.
+    assert 5 <= made <= 12
 
     proc = handoff(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = json.loads(proc.stdout)
-    # Links land with the page commit: all five created before the crash are adopted by stamp.
-    assert resumed["adopted"] == 5
+    # Links land with the page commit: all created before the crash are adopted, by stamp
+    # (and by name, a List whose stamp task the kill cut off).
+    assert made <= resumed["adopted"] <= 12
     projects = stamps(stack, "clickup", "hubspot")
     assert set(projects) == won_hubspot_deals(stack)
     assert set(projects.values()) == {1}
