@@ -1,8 +1,9 @@
 """Run every scenario and write bench/results.md.
 
-python -m bench.run            # default: engine 1k/10k/100k, emulators 1,000 won deals
-python -m bench.run --quick    # engine 1k/10k, emulators 100 won deals (a few minutes)
-python -m bench.run --full     # engine 1k/10k/100k, emulators 10,000 won deals (long)
+python -m bench.run            # engine 1k/10k/100k; emulators 1k and 10k won deals per pairing,
+                               # limits off and on; no-change run on a 100k-deal history
+python -m bench.run --quick    # engine 1k/10k, emulators 300 won deals, 2k history (minutes)
+python -m bench.run --full     # as default plus 100k-deal backfills (hours; see README)
 """
 
 from __future__ import annotations
@@ -26,11 +27,30 @@ PAIRINGS = [
     ("salesforce", "clickup"),
 ]
 
-MODES = {
-    # engine sizes, won deals per backfill, rate-limit multiplier, incremental history (seeded)
-    "quick": {"engine": [1_000, 10_000], "won": 100, "mult": 20.0, "history": 1_000},
-    "default": {"engine": [1_000, 10_000, 100_000], "won": 1_000, "mult": 20.0, "history": 10_000},
-    "full": {"engine": [1_000, 10_000, 100_000], "won": 10_000, "mult": 20.0, "history": 100_000},
+MODES: dict[str, dict[str, Any]] = {
+    # engine sizes, won deals per backfill, incremental history (deals seeded) and its won
+    # share, and the pairings the incremental scenario runs for
+    "quick": {
+        "engine": [1_000, 10_000],
+        "won": [300],
+        "history": 2_000,
+        "history_won": 0.4,
+        "incremental": [PAIRINGS[0], PAIRINGS[3]],
+    },
+    "default": {
+        "engine": [1_000, 10_000, 100_000],
+        "won": [1_000, 10_000],
+        "history": 100_000,
+        "history_won": 0.05,
+        "incremental": [PAIRINGS[0], PAIRINGS[3]],
+    },
+    "full": {
+        "engine": [1_000, 10_000, 100_000],
+        "won": [1_000, 10_000, 100_000],
+        "history": 100_000,
+        "history_won": 0.4,
+        "incremental": PAIRINGS,
+    },
 }
 
 
@@ -149,54 +169,89 @@ def engine_section(sizes: list[int], profile_size: int) -> str:
     return "\n".join(out)
 
 
-def backfill_section(won: int, mult: float) -> tuple[str, list[dict[str, Any]]]:
+def _keep(result: dict[str, Any]) -> None:
+    """Append one run's figures to bench/results.partial.jsonl as soon as it ends, so that an
+    interrupted benchmark still leaves what it measured."""
+    result["load_at_end"] = load()
+    with (HERE / "results.partial.jsonl").open("a") as f:
+        f.write(json.dumps(result, default=str) + "\n")
+
+
+def run_backfills(
+    sizes: list[int],
+    pairings: list[tuple[str, str]],
+    limits_modes: tuple[bool, ...] = (True, False),
+) -> list[dict[str, Any]]:
     from bench.emulators import backfill
 
-    rows_off, rows_on, raw = [], [], []
-    for crm, tool in PAIRINGS:
-        for m in (None, mult):
-            print(
-                f"emulators: {crm}-{tool} {won} won, limits {m or 'off'}",
-                file=sys.stderr,
-                flush=True,
+    raw = []
+    for won in sizes:
+        for crm, tool in pairings:
+            for limits in limits_modes:
+                print(
+                    f"emulators: {crm}-{tool} {won:,} won, limits {'on' if limits else 'off'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                r = backfill(crm, tool, won, limits)
+                raw.append(r)
+                _keep(r)
+    return raw
+
+
+def backfill_text(raw: list[dict[str, Any]]) -> str:
+    from bench.emulators import MULTIPLIERS
+
+    rows_off, rows_on = [], []
+    order = {f"{c}-{t}": i for i, (c, t) in enumerate(PAIRINGS)}
+    for r in sorted(raw, key=lambda r: (r["seeded"], order.get(r["pairing"], 9))):
+        made = max(r["won_synced"], 1)
+        if not r["limits"]:
+            rows_off.append(
+                [
+                    r["pairing"],
+                    r["won_synced"],
+                    r["status"],
+                    r["wall_s"],
+                    r["won_synced"] / r["wall_s"],
+                    r["api_calls"],
+                    r["calls_per_deal"],
+                    r["child_cpu_s"] * 1e3 / made,
+                    r["peak_rss_mib"],
+                ]
             )
-            r = backfill(crm, tool, won, m)
-            raw.append(r)
-            if m is None:
-                rows_off.append(
-                    [
-                        r["pairing"],
-                        r["won_synced"],
-                        r["status"],
-                        r["wall_s"],
-                        r["won_synced"] / r["wall_s"],
-                        r["api_calls"],
-                        r["calls_per_deal"],
-                        r["child_cpu_s"] * 1e3 / max(r["won_synced"], 1),
-                        r["peak_rss_mib"],
-                    ]
-                )
-            else:
-                rows_on.append(
-                    [
-                        r["pairing"],
-                        r["won_synced"],
-                        r["status"],
-                        r["wall_s"],
-                        r["floors_s"],
-                        r["floor_s"],
-                        r["wall_over_floor"],
-                        r["throttled"],
-                    ]
-                )
+            continue
+        binding = max(r["floors_s"], key=lambda s: r["floors_s"][s])
+        per_limit = r["floor_by_limit"][binding]
+        limit_name = max(per_limit, key=lambda k: per_limit[k]["floor_s"])
+        lim = per_limit[limit_name]
+        rows_on.append(
+            [
+                r["pairing"],
+                r["won_synced"],
+                r["status"],
+                r["wall_s"],
+                f"{binding} {limit_name}: {lim['calls']:,} calls, "
+                f"{lim['per_window']:,}/{lim['window_s']:g} s",
+                r["floors_s"],
+                r["floor_s"],
+                f"{r['wall_over_floor']:.3f}" if r["wall_over_floor"] else "—",
+                r["throttled"],
+                r["child_cpu_s"] * 1e3 / made,
+                r["peak_rss_mib"],
+            ]
+        )
+    factors = ", ".join(f"{s} ×{m:g}" for s, m in MULTIPLIERS.items())
     text = "\n".join(
         [
-            f"## 2. Backfill against the emulators (~{won:,} won deals per pairing)",
+            "## 2. Backfill against the emulators",
             "",
             "`handoff sync -c CONFIG --json` in a subprocess (after `handoff check "
-            "--create-missing`), emulators in the benchmark process on loopback. The CRM is "
-            f"seeded with {won / 0.4:,.0f} deals, ~40% won. *Client CPU ms/deal* is the "
-            "subprocess's user+system time per synced deal; *peak RSS* is its ru_maxrss.",
+            "--create-missing`), emulators in the benchmark process on loopback, SQLite state. "
+            "The CRM is seeded with won ÷ 0.4 deals (~40% won) and the tool is empty: every "
+            "won deal becomes a project and its progress is written back. *Client CPU "
+            "ms/deal* is the subprocess's user+system time per synced deal; *peak RSS* its "
+            "ru_maxrss.",
             "",
             "### Rate limits off",
             "",
@@ -215,14 +270,20 @@ def backfill_section(won: int, mult: float) -> tuple[str, list[dict[str, Any]]]:
                 rows_off,
             ),
             "",
-            f"### Rate limits on: documented limits ×{mult:g}",
+            f"### Rate limits on: documented limits, request counts × factor ({factors})",
             "",
-            f"Emulators enforce each vendor's documented limits × {mult:g}; the client is "
-            f"configured to pace at the same scaled rates. Floor per system = calls ÷ scaled "
-            "rate (HubSpot: non-search calls at 10/s and search at 5/s; Asana: all calls at "
-            "25/s and search at 1/s; ClickUp: 100/min; Salesforce: the org's 24-hour "
-            "allocation, so its floor is ~0); the run's floor is the max over systems. "
-            "429s are the emulators' `throttled` counts.",
+            "Each emulator enforces its vendor's documented limits in their documented shape "
+            "(HubSpot: 100 per rolling 10 s plus search 5 per second and 250,000 a day; "
+            "Asana: 1,500 per sliding minute, rejected requests counted, search 60 per "
+            "minute; ClickUp: 100 per minute per token, fixed window with X-RateLimit-Reset; "
+            "Salesforce: the org's rolling 24-hour allocation), each count multiplied by the "
+            "vendor's factor, windows unchanged; the client is configured with the same "
+            "scaled counts. *Floor* per limit: a run that made c calls governed by a limit of "
+            "n per W cannot finish before (⌈c ÷ n⌉ − 1) × W (the first window's calls go at "
+            "t = 0), counting the calls each limit governs from the emulators' per-route "
+            "stats; per system the max over its limits, for the run the max over systems. "
+            "*Binding limit* is the one that sets the floor. 429s are the emulators' "
+            "`throttled` counts.",
             "",
             _table(
                 [
@@ -230,67 +291,120 @@ def backfill_section(won: int, mult: float) -> tuple[str, list[dict[str, Any]]]:
                     "deals synced",
                     "status",
                     "wall s",
+                    "binding limit",
                     "floor s per system",
                     "floor s",
                     "wall / floor",
                     "429s",
+                    "client CPU ms/deal",
+                    "peak RSS MiB",
                 ],
                 rows_on,
             ),
         ]
     )
-    return text, raw
+    return text
+
+
+def backfill_section(
+    sizes: list[int], pairings: list[tuple[str, str]], limits_modes: tuple[bool, ...]
+) -> tuple[str, list[dict[str, Any]]]:
+    raw = run_backfills(sizes, pairings, limits_modes)
+    return backfill_text(raw), raw
 
 
 def incremental_section(
-    history: int, pairings: list[tuple[str, str]]
+    history: int, won_share: float, pairings: list[tuple[str, str]]
 ) -> tuple[str, list[dict[str, Any]]]:
     from bench.emulators import incremental
 
-    rows, raw = [], []
+    raw = []
     for crm, tool in pairings:
         print(
             f"emulators: {crm}-{tool} incremental over {history:,} deals",
             file=sys.stderr,
             flush=True,
         )
-        r = incremental(crm, tool, history)
+        r = incremental(crm, tool, history, won_share)
+        r["won_share"] = won_share
         raw.append(r)
+        _keep(r)
+    return incremental_text(history, won_share, raw), raw
+
+
+def incremental_text(history: int, won_share: float, raw: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in raw:
+        runs = r["runs"]
         rows.append(
             [
                 r["pairing"],
                 r["seeded"],
                 r["linked"],
-                r["first_wall_s"],
-                r["second_wall_s"],
-                r["second_engine_s"],
-                r["second_calls"],
-                r["second_changes"],
+                runs[0]["wall_s"],
+                runs[1]["changes"]["read"],
+                runs[2]["wall_s"],
+                runs[2]["api_calls"],
+                runs[2]["changes"],
+                runs[4]["wall_s"],
+                runs[4]["api_calls"],
+                runs[4]["changes"],
             ]
         )
     text = "\n".join(
         [
             f"## 3. Incremental sync with nothing changed ({history:,} deals in the CRM)",
             "",
-            "A first sync links every won deal; a second `handoff sync` follows at once with "
-            "nothing changed (rate limits off). Expected: ≤2 API calls per system.",
+            f"The CRM is seeded with {history:,} deals (~{won_share:.0%} won) whose "
+            "modification times are spread over the past months (the newest hours old; the "
+            "Salesforce seed's can be minutes old). Rate limits off. Run 1 links every won "
+            "deal and writes progress back; run 2 follows at once and reads the echo of those "
+            "writes (writing nothing: fingerprints match). Then every emulator's clock moves "
+            "ten minutes on, past the pipelines' two-minute overlap (left as configured), and "
+            "**run 3** finds nothing changed. A user then edits one deal and completes one "
+            "milestone; run 4 applies that; clocks move ten minutes on again and **run 5** "
+            "finds nothing changed. Goal: ≤2 API calls per system with nothing changed.",
             "",
             _table(
                 [
                     "pairing",
                     "deals in CRM",
                     "projects linked",
-                    "1st sync wall s",
-                    "2nd sync wall s",
-                    "2nd sync engine s",
-                    "2nd sync API calls",
-                    "2nd sync changes",
+                    "run 1 wall s",
+                    "run 2 deals read",
+                    "run 3 wall s",
+                    "run 3 API calls",
+                    "run 3 reads",
+                    "run 5 wall s",
+                    "run 5 API calls",
+                    "run 5 reads",
                 ],
                 rows,
             ),
         ]
     )
-    return text, raw
+    return text
+
+
+def load() -> str:
+    """The machine's load averages (other work competes with the benchmark for the cores)."""
+    try:
+        one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    except (OSError, ValueError):
+        return "unknown"
+    return f"{one} / {five} / {fifteen} (1 / 5 / 15 min)"
+
+
+def _earlier_section(path: Path, heading: str) -> str | None:
+    """A section of an earlier results file, kept when this run skips it."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    start = text.find(heading)
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + len(heading))
+    return text[start : end if end >= 0 else len(text)].rstrip()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -299,37 +413,83 @@ def main(argv: list[str] | None = None) -> None:
     )
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small sizes: a few minutes")
-    g.add_argument("--full", action="store_true", help="10,000-deal backfills, 100k history")
+    g.add_argument("--full", action="store_true", help="adds 100,000-deal backfills (long)")
     ap.add_argument(
         "--skip", action="append", default=[], choices=["engine", "emulators", "incremental"]
+    )
+    ap.add_argument("--won", action="append", type=int, help="won deals per backfill (repeatable)")
+    ap.add_argument(
+        "--pairing",
+        action="append",
+        choices=[f"{c}-{t}" for c, t in PAIRINGS],
+        help="only these pairings (repeatable)",
+    )
+    ap.add_argument(
+        "--limits", choices=["both", "on", "off"], default="both", help="backfills to run"
+    )
+    ap.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="run nothing: write the results from bench/results.partial.jsonl (the runs an "
+        "interrupted benchmark finished)",
     )
     ap.add_argument("--out", default=str(HERE / "results.md"))
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full" if args.full else "default"
     cfg = MODES[mode]
+    chosen = [p for p in PAIRINGS if not args.pairing or f"{p[0]}-{p[1]}" in args.pairing]
+    out = Path(args.out)
     started = time.perf_counter()
     m = machine()
+    cmd = " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])
     parts = [
         "# Handoff benchmark results",
         "",
-        f"Mode `{mode}` (`python -m bench.run{'' if mode == 'default' else ' --' + mode}`). "
-        f"Machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}. Date: {m['date']}.",
+        f"Mode `{mode}` (`{cmd}`). Machine: {m['nproc']} cores, {m['cpu']}, Python "
+        f"{m['python']}. Date: {m['date']}. Load average at the start: {load()}.",
         "",
     ]
-    raw: dict[str, Any] = {"mode": mode, "machine": m}
+    raw: dict[str, Any] = {"mode": mode, "command": cmd, "machine": m, "load_start": load()}
+    if args.from_partial:
+        partial = HERE / "results.partial.jsonl"
+        kept = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+        parts[2] += (
+            f" Rendered from `{partial.name}`: the runs a benchmark finished, each measured "
+            "when it ran (load averages per run are in results.json)."
+        )
+        args.skip = ["engine", "emulators", "incremental"]
+        backs = [r for r in kept if "runs" not in r]
+        incs = [r for r in kept if "runs" in r]
     if "engine" not in args.skip:
         parts += [engine_section(cfg["engine"], profile_size=2_000), ""]
+    else:
+        kept = _earlier_section(out, "## 1. Engine alone")
+        if kept:
+            parts += [kept + "\n\n*(Section 1 kept from the previous results file.)*", ""]
+    if args.from_partial:
+        if backs:
+            raw["backfill"] = backs
+            parts += [backfill_text(backs), ""]
+        if incs:
+            raw["incremental"] = incs
+            won_share = incs[0].get("won_share", cfg["history_won"])
+            parts += [incremental_text(incs[0]["seeded"], won_share, incs), ""]
     if "emulators" not in args.skip:
-        text, raw["backfill"] = backfill_section(cfg["won"], cfg["mult"])
+        modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.limits]
+        text, raw["backfill"] = backfill_section(args.won or cfg["won"], chosen, modes)
         parts += [text, ""]
     if "incremental" not in args.skip:
-        pairings = PAIRINGS if mode != "quick" else [PAIRINGS[0], PAIRINGS[3]]
-        text, raw["incremental"] = incremental_section(cfg["history"], pairings)
+        pairings = [p for p in cfg["incremental"] if p in chosen]
+        text, raw["incremental"] = incremental_section(cfg["history"], cfg["history_won"], pairings)
         parts += [text, ""]
-    parts.append(f"Total benchmark time: {time.perf_counter() - started:,.0f} s.")
-    Path(args.out).write_text("\n".join(parts) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
-    print(f"wrote {args.out}", file=sys.stderr)
+    raw["load_end"] = load()
+    parts.append(
+        f"Total benchmark time: {time.perf_counter() - started:,.0f} s. Load average at the "
+        f"end: {load()}."
+    )
+    out.write_text("\n".join(parts) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ class AsanaProjects(ProjectTool):
         self._templates: dict[str, str] | None = None
         self._fields: dict[str, dict[str, Any]] | None = None
         self._stamp_index: dict[str, ProjectRef] | None = None
+        # Custom fields a fresh project from each template comes with (template gid -> field
+        # gids), learnt from the first project: later ones skip the settings read.
+        self._template_fields: dict[str, set[str]] = {}
         self._search_works: bool | None = None
         self._unstamped: dict[str, ProjectRef] = {}
 
@@ -226,10 +229,16 @@ class AsanaProjects(ProjectTool):
 
     # -- create ---------------------------------------------------------------------------------
     def create_project(self, spec: ProjectSpec, stamp: DealStamp) -> ProjectRef:
-        # Fail before anything exists if the stamp field is missing from the workspace.
-        self._field(self.settings.stamp_field)
+        # Everything that can be refused offline is checked before anything exists: the stamp
+        # field, the other fields and their values.
+        stamp_gid = self._field(self.settings.stamp_field)["gid"]
+        values = self._custom_values(spec.custom_fields)
+        wanted = {stamp_gid, *values}
+        template = None
         if spec.template:
-            gid = self._instantiate(spec)
+            template = self._template_gid(spec.template)
+            gid = self._instantiate(template, spec)
+            body = {**_project_fields(spec.fields)}
         else:
             # https://developers.asana.com/reference/createproject
             body = {
@@ -241,23 +250,16 @@ class AsanaProjects(ProjectTool):
             gid = self.api.request(
                 "POST", "/projects", route="POST /projects", json={"data": body}
             )["data"]["gid"]
+            body = {}
         # From here the project exists: any failure carries it, so the engine links it
         # rather than releasing the claim (which would let a retry create a second one).
         ref = ProjectRef(gid, spec.name)
         try:
-            # The stamp first, alone: from here on the project can be found by stamp.
-            data = self._stamp(gid, stamp, spec.custom_fields)
+            data = self._stamp_and_fill(gid, template, wanted, stamp_gid, stamp, values, body)
             ref = ProjectRef(gid, data.get("name", spec.name), data.get("permalink_url"))
-            if self._stamp_index is not None:
-                self._stamp_index[stamp.marker] = ref
-            rest = {
-                **(_project_fields(spec.fields) if spec.template else {}),
-                "custom_fields": self._custom_values(spec.custom_fields),
-            }
-            if rest["custom_fields"] or len(rest) > 1:
-                self.api.request(
-                    "PUT", f"/projects/{gid}", route="PUT /projects/{gid}", json={"data": rest}
-                )
+            index = self._stamp_index  # read once: creates run on several threads
+            if index is not None:
+                index[stamp.marker] = ref
             if not spec.template:
                 self._add_structure(gid, spec)
         except ConnectorError as exc:
@@ -265,8 +267,49 @@ class AsanaProjects(ProjectTool):
             raise
         return ref
 
-    def _instantiate(self, spec: ProjectSpec) -> str:
-        template = self._template_gid(spec.template or "")
+    def _stamp_and_fill(
+        self,
+        gid: str,
+        template: str | None,
+        wanted: set[str],
+        stamp_gid: str,
+        stamp: DealStamp,
+        values: dict[str, Any],
+        body: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Put the fields on a new project, then the stamp with every value in one write:
+        the first write that can fail for this record also makes the project findable."""
+        cached = self._template_fields.get(template) if template else None
+        present = cached if cached is not None else self._field_settings(gid)
+        if template and cached is None:
+            self._template_fields[template] = set(present)
+        self._add_field_settings(gid, wanted, present)
+        everything = {**body, "custom_fields": {**values, stamp_gid: stamp.marker}}
+        try:
+            return self._put_project(gid, everything)
+        except ConnectorError as exc:
+            if exc.kind is not ErrorKind.RECORD:
+                raise  # transient, retried out: the engine links the project and re-stamps it
+            if cached is not None and template:
+                # The template changed since we learnt its fields: learn them again.
+                self._template_fields.pop(template, None)
+                return self._stamp_and_fill(gid, template, wanted, stamp_gid, stamp, values, body)
+            # Asana refused a value: stamp alone so the project can be found, and let the
+            # refusal stand (the record parks with its project linked).
+            self._put_project(gid, {"custom_fields": {stamp_gid: stamp.marker}})
+            raise
+
+    def _put_project(self, gid: str, body: dict[str, Any]) -> dict[str, Any]:
+        # https://developers.asana.com/reference/updateproject
+        return self.api.request(
+            "PUT",
+            f"/projects/{gid}",
+            route="PUT /projects/{gid}",
+            json={"data": body},
+            params={"opt_fields": "name,permalink_url"},
+        )["data"]
+
+    def _instantiate(self, template: str, spec: ProjectSpec) -> str:
         # https://developers.asana.com/reference/instantiateproject - returns a job.
         job = self.api.request(
             "POST",
@@ -287,8 +330,10 @@ class AsanaProjects(ProjectTool):
             time.sleep(self.settings.job_poll_seconds)
             job = self._get(f"/jobs/{job['gid']}", "GET /jobs/{gid}")
 
-    def _add_field_settings(self, project_gid: str, wanted: set[str]) -> None:
-        present = {
+    def _field_settings(self, project_gid: str) -> set[str]:
+        """Gids of the custom fields on the project."""
+        # https://developers.asana.com/reference/getcustomfieldsettingsforproject
+        return {
             s["custom_field"]["gid"]
             for s in self._pages(
                 f"/projects/{project_gid}/custom_field_settings",
@@ -296,6 +341,13 @@ class AsanaProjects(ProjectTool):
                 opt_fields="custom_field.gid",
             )
         }
+
+    def _add_field_settings(
+        self, project_gid: str, wanted: set[str], present: set[str] | None = None
+    ) -> None:
+        """Add the `wanted` fields the project lacks (`present`: what it has, when known)."""
+        if present is None:
+            present = self._field_settings(project_gid)
         for field_gid in sorted(wanted - present):
             # https://developers.asana.com/reference/addcustomfieldsettingforproject
             self.api.request(
@@ -334,6 +386,10 @@ class AsanaProjects(ProjectTool):
 
     # -- find / update ------------------------------------------------------------------------
     def find_project(self, stamp: DealStamp, name: str | None = None) -> ProjectRef | None:
+        if name is not None and self._stamp_index is not None:
+            # A pending claim: another run may have made the project since the index was
+            # built, so this look-up reads the team again rather than trust the cache.
+            self._stamp_index = None
         if self._stamp_index is None:
             stamp_gid = self._field(self.settings.stamp_field)["gid"]
             index: dict[str, ProjectRef] = {}
@@ -453,9 +509,12 @@ class AsanaProjects(ProjectTool):
                 if key in seen_at_anchor:
                     continue
                 seen_at_anchor.add(key)
-                for proj in t.get("projects") or []:
-                    if proj["gid"] in wanted:
-                        page.append(_milestone(t, proj["gid"], modified))
+                homes = [p["gid"] for p in t.get("projects") or []]
+                linked = [gid for gid in homes if gid in wanted]
+                # A milestone of an unlinked project is passed on too (the engine ignores it):
+                # the back cursor then moves past it instead of re-reading it every run.
+                for gid in linked or homes[:1] or [""]:
+                    page.append(_milestone(t, gid, modified))
             if page:
                 yield page
             if len(tasks) < PAGE:
@@ -516,13 +575,14 @@ class AsanaProjects(ProjectTool):
         return 2 if spec.custom_fields else 1
 
     def create_cost(self, spec: ProjectSpec) -> int:
-        # settings read + one addCustomFieldSetting per field (the stamp's included) + the
-        # stamping PUT + the PUT of the other fields
-        base = 1 + (1 + len(spec.custom_fields)) + 1 + 1
+        # one addCustomFieldSetting per field the project lacks (at most the stamp's and each
+        # mapped one) + one PUT of the stamp with every value. A template's field settings are
+        # read once per connection; a plain project's each time.
+        base = (1 + len(spec.custom_fields)) + 1
         if spec.template:
             return base + 2  # instantiate + one job poll
         sections = len(set(spec.sections) | {m.section for m in spec.milestones if m.section})
-        return base + 1 + sections + len(spec.milestones)
+        return base + 2 + sections + len(spec.milestones)
 
     def check(self) -> str:
         me = self._get("/users/me", "GET /users/me", opt_fields="name")

@@ -187,6 +187,11 @@ class ClickUpProjects(ProjectTool):
         self._templates: dict[str, str] | None = None
         self._fields: dict[str, dict[str, Any]] | None = None
         self._records: dict[str, list[str]] = {}  # list id -> deal record task ids
+        # stamp -> List, read once (all stamped tasks of the Workspace) when a first run
+        # looks for a project before every create; our own creates are added as they happen.
+        self._stamp_index: dict[str, ProjectRef] | None = None
+        # List names (casefolded) this instance made or saw refused as taken in the Folder.
+        self._taken_names: set[str] = set()
 
     def close(self) -> None:
         self.api.client.close()
@@ -296,6 +301,9 @@ class ClickUpProjects(ProjectTool):
 
     @property
     def milestone_type(self) -> int:
+        if self._milestone_type is None and self.settings.milestone_type.strip().isdigit():
+            # Given by id: no look-up (`check` still confirms the type exists).
+            self._milestone_type = int(self.settings.milestone_type.strip())
         if self._milestone_type is None:
             # https://developer.clickup.com/reference/getcustomitems
             items = self._call(
@@ -615,6 +623,9 @@ class ClickUpProjects(ProjectTool):
         lst, ours = self._new_list(spec, stamp, list_fields)
         list_id = str(lst["id"])
         ref = ProjectRef(list_id, lst["name"], self.list_url(list_id))
+        index = self._stamp_index  # read once: creates run on several threads
+        if index is not None:
+            index[stamp.marker] = ref
         if ours:
             return ref  # already this deal's (name taken by our own List)
         # From here the List exists: any failure carries it, so the engine links it rather
@@ -652,6 +663,14 @@ class ClickUpProjects(ProjectTool):
         template = self._template_id(spec.template) if spec.template else None
         names = [spec.name, f"{spec.name} ({stamp.deal_id})"]
         for name in names:
+            key = name.strip().casefold()
+            if key in self._taken_names and self._stamp_index is not None and name != names[-1]:
+                # Seen taken already in this run (a refused create counts against the rate
+                # limit): ours if the first run's index says so, else go to the next name.
+                ours = self._stamp_index.get(stamp.marker)
+                if ours is not None and ours.name.strip().casefold() == key:
+                    return {"id": ours.id, "name": ours.name}, True
+                continue
 
             def already(name: str = name) -> dict[str, Any] | None:
                 # After a 5xx or a timeout: an unstamped List of this name is the lost attempt.
@@ -676,27 +695,42 @@ class ClickUpProjects(ProjectTool):
                     lst = got.get("list") or got  # the answer is {"id", "list"}
                     lst.setdefault("id", got.get("id"))
                     lst.setdefault("name", name)
+                    self._taken_names.add(key)
                     return lst, False
                 # https://developer.clickup.com/reference/createlist,
                 # https://developer.clickup.com/reference/createfolderlesslist
                 body = {"name": name, **list_fields}
-                return self._post_verified(
-                    f"{path}/list", f"POST {route}/list", body, already
-                ), False
+                made = self._post_verified(f"{path}/list", f"POST {route}/list", body, already)
+                self._taken_names.add(key)
+                return made, False
             except ConnectorError as exc:
                 if exc.status != 400 or "SUBCAT_016" not in exc.message:
                     raise
-            # "List name taken" (SUBCAT_016). Ours already: done. Anyone else's - another
-            # deal's project, or a List someone made by hand - is left alone.
-            existing = self._list_named(name)
-            if existing is not None and stamp.marker in self._list_stamps(str(existing["id"])):
-                return existing, True
+            self._taken_names.add(key)
+            # "List name taken" (SUBCAT_016). Ours already (the List of that name carries our
+            # stamp): done. Anyone else's - another deal's project, or a List someone made by
+            # hand - is left alone. Asked by stamp, not by listing the Folder's Lists: one
+            # query (none on a first run's index) whatever the Folder holds.
+            ours = self._stamped_list(stamp)
+            if ours is not None and ours.name.strip().casefold() == name.strip().casefold():
+                return {"id": ours.id, "name": ours.name}, True
         raise ConnectorError(
             self.name,
             ErrorKind.RECORD,
             f"List names {' and '.join(repr(n) for n in names)} are both taken in the "
             "Folder/Space; rename one or map a more specific project name",
         )
+
+    def _stamped_list(self, stamp: DealStamp) -> ProjectRef | None:
+        """The List carrying this stamp, from the first run's index or one query."""
+        if self._stamp_index is not None:
+            return self._stamp_index.get(stamp.marker)
+        tasks = self._stamped_tasks(stamp, archived=False)
+        tasks.sort(key=lambda t: t.get("custom_item_id") != PLAIN_TASK)
+        home = tasks[0]["list"] if tasks else None
+        if not home:
+            return None
+        return ProjectRef(str(home["id"]), home.get("name", ""), self.list_url(str(home["id"])))
 
     def _list_named(self, name: str) -> dict[str, Any] | None:
         path, route = self._container()
@@ -896,11 +930,55 @@ class ClickUpProjects(ProjectTool):
             or []
         )
 
-    def find_project(self, stamp: DealStamp, name: str | None = None) -> ProjectRef | None:
-        """The List whose tasks carry this stamp: one call (two when there is none).
+    def _indexed(self, stamp: DealStamp) -> ProjectRef | None:
+        """The stamp's List from a one-time read of every stamped task in the Workspace."""
+        if self._stamp_index is None:
+            index: dict[str, ProjectRef] = {}
+            for archived in ("false", "true"):
+                page = 0
+                while True:
+                    # https://developer.clickup.com/reference/getfilteredteamtasks - no
+                    # `last_page` here: a short page is the last.
+                    tasks = (
+                        self._call(
+                            "GET",
+                            f"/team/{self.team_id}/task",
+                            "GET /team/{id}/task",
+                            params={
+                                "custom_fields": self._stamp_filter("IS NOT NULL"),
+                                "include_closed": "true",
+                                "subtasks": "true",
+                                "archived": archived,
+                                "page": page,
+                            },
+                        ).get("tasks")
+                        or []
+                    )
+                    # The deal record first: it names the List the stamp belongs to.
+                    for t in sorted(tasks, key=lambda t: t.get("custom_item_id") != PLAIN_TASK):
+                        marker, home = self._stamp_of(t), t.get("list") or {}
+                        if marker and home.get("id") and marker not in index:
+                            list_id = str(home["id"])
+                            index[marker] = ProjectRef(
+                                list_id, home.get("name", ""), self.list_url(list_id)
+                            )
+                    if len(tasks) < PAGE:
+                        break
+                    page += 1
+            self._stamp_index = index
+        return self._stamp_index.get(stamp.marker)
 
-        With `name` (a create that may have died before its stamp), a List of that name in
-        the Folder/Space with no stamp at all is adopted: it gets its deal record."""
+    def find_project(self, stamp: DealStamp, name: str | None = None) -> ProjectRef | None:
+        """The List whose tasks carry this stamp.
+
+        Without `name` (a first run looking before each create of a deal it just claimed),
+        from an index of every stamped task read once: a project made since could only be
+        this deal's if another run held its claim, and then `name` is given. With `name` (a
+        pending claim: a create that may have died before its stamp), one direct query (two
+        when there is none), and a List of that name in the Folder/Space with no stamp at all
+        is adopted: it gets its deal record."""
+        if name is None:
+            return self._indexed(stamp)
         tasks = self._stamped_tasks(stamp, archived=False)
         if not tasks:
             # Archived tasks are only listed when asked for; look there before saying "none".
@@ -1121,6 +1199,14 @@ class ClickUpProjects(ProjectTool):
         where = f"space {self.space_id}" + (f", folder {self.folder_id}" if self.folder_id else "")
         self._stamp_field()
         milestone = self.milestone_type
+        if self.settings.milestone_type.strip().isdigit():
+            # Given by id, so not looked up yet: confirm the Workspace has it.
+            # https://developer.clickup.com/reference/getcustomitems
+            items = self._call(
+                "GET", f"/team/{self.team_id}/custom_item", "GET /team/{id}/custom_item"
+            )["custom_items"]
+            if not any(str(i.get("id")) == str(milestone) for i in items):
+                raise self._not_found("custom task type (milestone_type)", str(milestone))
         return (
             f"ClickUp Workspace '{team.get('name')}' ({team['id']}): {where}; stamp field "
             f"'{self.settings.stamp_field}', milestone type {milestone}"

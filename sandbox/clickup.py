@@ -31,6 +31,7 @@ Main references (cited again above each endpoint):
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import math
@@ -229,9 +230,15 @@ class ClickUpState:
         self.spaces: dict[str, dict[str, Any]] = {}
         self.folders: dict[str, dict[str, Any]] = {}
         self.lists_by_id: dict[str, dict[str, Any]] = {}
+        self.lists_by_name: dict[tuple[Any, str], dict[str, dict[str, Any]]] = {}
+        # (date_updated, id) of every task, ascending; None after any change (rebuilt lazily).
+        self._updated_order: list[tuple[int, str]] | None = None
         self.fields: dict[str, dict[str, Any]] = {}
         self.templates: dict[str, dict[str, Any]] = {}
         self.tasks: dict[str, dict[str, Any]] = {}
+        # Tasks by home List (a task never changes List here): List reads and task creation
+        # cost what the List holds, not what the Workspace holds (benchmarks hold 10,000s).
+        self.tasks_by_list: dict[str, dict[str, dict[str, Any]]] = {}
         self.comments: dict[str, dict[str, Any]] = {}
         self.deleted_tasks: set[str] = set()
         self.deleted_lists: set[str] = set()
@@ -441,7 +448,17 @@ class ClickUpState:
             "date_created": self.now_ms(),
         }
         self.lists_by_id[lid] = lst
+        self._name_index(lst, add=True)
         return lst
+
+    def _name_index(self, lst: dict[str, Any], *, add: bool) -> None:
+        """Lists by (Folder, name as compared): the name check of a create costs what the
+        name has, not what the Workspace holds."""
+        key = (lst["folder_id"], lst["name"].strip().lower())
+        if add:
+            self.lists_by_name.setdefault(key, {})[lst["id"]] = lst
+        else:
+            self.lists_by_name.get(key, {}).pop(lst["id"], None)
 
     def add_list(self, folder_id: str, name: str, content: str = "") -> str:
         with self.lock:
@@ -487,7 +504,7 @@ class ClickUpState:
 
     def _new_task(self, lst: dict[str, Any], name: str, st: dict[str, Any], now: int) -> dict:
         tid = self._task_id()
-        order = sum(1 for t in self.tasks.values() if t["list_id"] == lst["id"]) + 1
+        order = len(self.tasks_by_list.get(lst["id"], ())) + 1
         task = {
             "id": tid,
             "name": name,
@@ -518,7 +535,21 @@ class ClickUpState:
             "fields": {},
         }
         self.tasks[tid] = task
+        self.tasks_by_list.setdefault(lst["id"], {})[tid] = task
+        self._updated_order = None
         return task
+
+    def updated_order(self) -> list[tuple[int, str]]:
+        if self._updated_order is None:
+            self._updated_order = sorted(
+                (t["date_updated"] or 0, t["id"]) for t in self.tasks.values()
+            )
+        return self._updated_order
+
+    def _forget_task(self, task_id: str) -> None:
+        task = self.tasks.pop(task_id, None)
+        if task is not None:
+            self.tasks_by_list.get(task["list_id"], {}).pop(task_id, None)
 
     def _status(self, lst: dict[str, Any], name: str) -> dict[str, Any]:
         wanted = name.strip().lower()
@@ -552,6 +583,7 @@ class ClickUpState:
             task["status"] = dict(st)
             self._stamp_status_dates(task, st, now)
             task["date_updated"] = now
+            self._updated_order = None
 
     def complete_task(self, task_id: str) -> None:
         """Close a task: its List's first status of type "closed" (stamps date_closed/done)."""
@@ -569,6 +601,7 @@ class ClickUpState:
             field = self.fields[field_id]
             task["fields"][field_id] = _coerce_field_value(field, value)
             task["date_updated"] = self.now_ms()
+            self._updated_order = None
 
     # ---- inspection (rendered as the API would) --------------------------------------------
 
@@ -593,7 +626,7 @@ class ClickUpState:
         """Every task (closed, archived and subtasks too) whose home is `list_id`."""
         with self.lock:
             self._materialize()
-            return [self._render_task(t) for t in self.tasks.values() if t["list_id"] == list_id]
+            return [self._render_task(t) for t in self.tasks_by_list.get(list_id, {}).values()]
 
     def task(self, task_id: str) -> dict[str, Any]:
         with self.lock:
@@ -848,7 +881,7 @@ class ClickUpState:
         return {"id": space["id"], "name": space["name"], "access": True}
 
     def _live_tasks(self, list_id: str) -> list[dict[str, Any]]:
-        return [t for t in self.tasks.values() if t["list_id"] == list_id and not t["archived"]]
+        return [t for t in self.tasks_by_list.get(list_id, {}).values() if not t["archived"]]
 
     def _render_list(self, lst: dict[str, Any]) -> dict[str, Any]:
         # https://developer.clickup.com/reference/getlist
@@ -1394,7 +1427,7 @@ def _list_name(state: ClickUpState, body: dict[str, Any], folder_id: str, skip: 
         # https://developer.clickup.com/reference/createfolderlistfromtemplate - 400 "Name is
         # required" (the docs' example code OAUTH_117 is odd but theirs).
         raise _bad_input("Name is required", "OAUTH_117")
-    for lst in state.lists_by_id.values():
+    for lst in state.lists_by_name.get((folder_id, name.strip().lower()), {}).values():
         if (
             lst["folder_id"] == folder_id
             and not lst["deleted"]
@@ -1439,7 +1472,9 @@ async def update_list(request: Request, state: ClickUpState) -> Response:
         lst = _get_list(state, request.path_params["list_id"])
         name = _list_name(state, body, lst["folder_id"], skip=lst["id"])
         fields = _list_fields(state, body)
+        state._name_index(lst, add=False)
         lst["name"] = name
+        state._name_index(lst, add=True)
         lst.update(fields)
         return JSONResponse(state._render_list(lst))
 
@@ -1450,8 +1485,8 @@ async def delete_list(request: Request, state: ClickUpState) -> Response:
         lst = _get_list(state, request.path_params["list_id"])
         lst["deleted"] = True
         state.deleted_lists.add(lst["id"])
-        for tid in [t["id"] for t in state.tasks.values() if t["list_id"] == lst["id"]]:
-            del state.tasks[tid]
+        for tid in list(state.tasks_by_list.get(lst["id"], {})):
+            state._forget_task(tid)
             state.deleted_tasks.add(tid)
         return JSONResponse({})
 
@@ -1601,6 +1636,7 @@ async def set_field_value(request: Request, state: ClickUpState) -> Response:
             raise _bad_input("Value is required", "FIELD_010")  # ours
         task["fields"][field["id"]] = _coerce_field_value(field, body["value"])
         task["date_updated"] = state.now_ms()
+        state._updated_order = None
         return JSONResponse({})
 
 
@@ -1612,6 +1648,7 @@ async def remove_field_value(request: Request, state: ClickUpState) -> Response:
         field = _task_field(state, task, request.path_params["field_id"])
         if task["fields"].pop(field["id"], None) is not None:
             task["date_updated"] = state.now_ms()
+            state._updated_order = None
         return JSONResponse({})
 
 
@@ -1780,6 +1817,7 @@ async def update_task(request: Request, state: ClickUpState) -> Response:
             task["status"] = dict(status)
             state._stamp_status_dates(task, status, now)
         task["date_updated"] = now
+        state._updated_order = None
         return JSONResponse(state._render_task(task))
 
 
@@ -1789,7 +1827,7 @@ async def delete_task(request: Request, state: ClickUpState) -> Response:
         task = _get_task(state, request.path_params["task_id"])
         doomed = [task["id"]] + [t["id"] for t in state.tasks.values() if t["parent"] == task["id"]]
         for tid in doomed:
-            state.tasks.pop(tid, None)
+            state._forget_task(tid)
             state.deleted_tasks.add(tid)
         return JSONResponse({})
 
@@ -1968,7 +2006,7 @@ async def get_tasks(request: Request, state: ClickUpState) -> Response:
         state._materialize()
         lst = _get_list(state, request.path_params["list_id"])
         keep = _task_filter(request, state)
-        matched = [t for t in state.tasks.values() if t["list_id"] == lst["id"] and keep(t)]
+        matched = [t for t in state.tasks_by_list.get(lst["id"], {}).values() if keep(t)]
         chunk, last = _ordered_page(request, state, matched)
         return JSONResponse({"tasks": [state._render_task(t) for t in chunk], "last_page": last})
 
@@ -1984,10 +2022,19 @@ async def get_team_tasks(request: Request, state: ClickUpState) -> Response:
         list_ids = set(_multi(request, "list_ids"))
         space_ids = set(_multi(request, "space_ids"))
         folder_ids = set(_multi(request, "project_ids"))
+        # The cheap bound first: a change feed read (`date_updated_gt`) then costs a comparison
+        # per task, not every filter (the filter below still applies it).
+        updated_gt = _int_query(request, "date_updated_gt")
+        candidates: Iterable[dict[str, Any]] = state.tasks.values()
+        if updated_gt is not None:
+            order = state.updated_order()
+            start = bisect.bisect_right(order, (updated_gt, "\uffff"))
+            candidates = (state.tasks[tid] for _, tid in order[start:] if tid in state.tasks)
         matched = [
             t
-            for t in state.tasks.values()
-            if t["team_id"] == team["id"]
+            for t in candidates
+            if (updated_gt is None or (t["date_updated"] or 0) > updated_gt)
+            and t["team_id"] == team["id"]
             and (not list_ids or t["list_id"] in list_ids)
             and (not space_ids or t["space_id"] in space_ids)
             and (not folder_ids or t["folder_id"] in folder_ids)

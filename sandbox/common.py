@@ -12,7 +12,7 @@ import asyncio
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -75,6 +75,36 @@ class Window:
 
     def reset_in(self, now: float) -> float:
         return max(0.0, self._started + self.seconds - now)
+
+
+@dataclass
+class SlidingWindow(Window):
+    """At most `limit` requests in any `seconds`-long span (a rolling window): a request is
+    allowed once the one `limit` places before it is `seconds` old."""
+
+    hits: deque = field(default_factory=deque)
+
+    def _prune(self, now: float) -> None:
+        while self.hits and self.hits[0] <= now - self.seconds:
+            self.hits.popleft()
+
+    def take(self, now: float) -> bool:
+        self._prune(now)
+        if len(self.hits) >= self.limit:
+            return False
+        self.hits.append(now)
+        return True
+
+    def remaining(self, now: float) -> int:
+        self._prune(now)
+        return max(0, self.limit - len(self.hits))
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until one more request is allowed (0 when one is allowed now)."""
+        self._prune(now)
+        if len(self.hits) < self.limit:
+            return 0.0
+        return max(0.0, self.hits[len(self.hits) - self.limit] + self.seconds - now)
 
 
 @dataclass
@@ -171,12 +201,13 @@ class EmulatorControls:
         with self.lock:
             self.stats = RequestStats()
 
-    def window(self, key: str, limit: float, seconds: float) -> Window:
-        """The shared window named `key`, created on first use with the scaled limit."""
+    def window(self, key: str, limit: float, seconds: float, kind: type[Window] = Window) -> Window:
+        """The shared window named `key`, created on first use with the scaled limit (the
+        window's length stays as documented: scaling the count keeps its shape)."""
         w = self._windows.get(key)
         if w is None:
             scaled = max(1, int(limit * self.rates.multiplier))
-            w = self._windows[key] = Window(key, scaled, seconds)
+            w = self._windows[key] = kind(key, scaled, seconds)
         return w
 
     def draw(self, p: float) -> bool:

@@ -43,6 +43,7 @@ from sandbox.common import (
     EmulatorControls,
     EmulatorMiddleware,
     RateLimitConfig,
+    SlidingWindow,
     Window,
     bearer_token,
     route_template,
@@ -432,6 +433,11 @@ class HubSpotState:
         # Salt of the tie-break hash: equal sort keys come back in a stable, id-unrelated order.
         self.tie_salt = secrets.token_hex(8)
         self.deals: dict[str, _Record] = {}
+        # Bumped on every deal write (`_before_write`) and property change: search results
+        # are cached per query until then, so paging a query sorts the portal once, not once
+        # per page (a 100,000-deal history is 500 pages).
+        self.search_version = 0
+        self._search_cache: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self.notes: dict[str, _Record] = {}
         self.associations: list[_Association] = []
         self.pipelines: dict[str, dict[str, Any]] = {}
@@ -577,6 +583,7 @@ class HubSpotState:
             d["createdAt"] = _iso(created)
             d["updatedAt"] = _iso(created)
             self.deal_properties[d["name"]] = d
+            self.search_version += 1
 
     def _property_def(self, name: str) -> dict[str, Any] | None:
         d = self.deal_properties.get(name)
@@ -728,6 +735,7 @@ class HubSpotState:
 
     def _before_write(self, rec: _Record | None, now: datetime) -> dict[str, Any] | None:
         """The view search keeps seeing while the index lags behind this write."""
+        self.search_version += 1
         if rec is None:
             return None
         if rec.written_at is None or now - rec.written_at >= self.index_lag:
@@ -846,9 +854,10 @@ class HubSpotState:
 
     # ---- seeding ---------------------------------------------------------------------------
 
-    def seed(self, n_deals: int, rng: random.Random) -> list[str]:
-        """Realistic portal data: owners, both pipelines, `n_deals` deals (≈40% won, 20% lost,
-        40% open) with modification times spread over past months, a few sharing one stamp."""
+    def seed(self, n_deals: int, rng: random.Random, won_share: float = 0.4) -> list[str]:
+        """Realistic portal data: owners, both pipelines, `n_deals` deals (≈40% won - or
+        `won_share` - 20% lost, the rest open) with modification times spread over past months,
+        a few sharing one stamp."""
         with self.lock:
             if not self.owners:
                 for first, last in _OWNERS:
@@ -872,9 +881,9 @@ class HubSpotState:
                 enterprise = rng.random() < 0.3
                 stages = ENTERPRISE_STAGES if enterprise else DEFAULT_STAGES
                 roll = rng.random()
-                if roll < 0.4:
+                if roll < won_share:
                     stage = next(s for s in stages if s[3] and s[2] >= 1.0)
-                elif roll < 0.6:
+                elif roll < won_share + 0.2:
                     stage = next(s for s in stages if s[3] and s[2] < 1.0)
                 else:
                     stage = rng.choice([s for s in stages if not s[3]])
@@ -969,7 +978,11 @@ class HubSpotFlavor:
         if _is_search(request):
             search = controls.window(f"hubspot:search:{token}", SEARCH_LIMIT, SEARCH_SECONDS)
             return [search, daily]
-        interval = controls.window(f"hubspot:interval:{token}", INTERVAL_LIMIT, INTERVAL_SECONDS)
+        # The burst policy is named TEN_SECONDLY_ROLLING in HubSpot's 429 bodies: a rolling
+        # window, not one that resets on the tenth second.
+        interval = controls.window(
+            f"hubspot:interval:{token}", INTERVAL_LIMIT, INTERVAL_SECONDS, kind=SlidingWindow
+        )
         return [interval, daily]
 
     def too_many_requests(self, window: Window, retry_after: float | None) -> Response:
@@ -1669,41 +1682,9 @@ async def search_deals(request: Request, state: HubSpotState) -> Response:
                 f"any given query. Requested results {after} to {after + limit}.",
                 context={"after": [str(after)], "limit": [str(limit)]},
             )
-        now = state.now()
         query = str(body.get("query") or "").strip().lower()
         wanted = body.get("properties") or None
-        views = []
-        for rec in state.deals.values():
-            view = state._search_view(rec, now)
-            # "Archived CRM objects won't appear in any search results."
-            if view is None or view["archived"]:
-                continue
-            props = view["properties"]
-            if groups and not any(
-                all(_filter_matches(state, f, props) for f in (g or {}).get("filters") or [])
-                for g in groups
-            ):
-                continue
-            if query and not any(
-                any(t.startswith(query) or query in t for t in _tokens(str(props.get(p) or "")))
-                or query in str(props.get(p) or "").lower()
-                for p in DEAL_QUERY_PROPERTIES
-            ):
-                continue
-            views.append(view)
-
-        # Default order: by creation date, oldest first. Ties (equal keys) are broken by a salted
-        # hash of the id: stable from page to page, but unrelated to id order.
-        if sorts:
-            name, descending = sorts[0]
-            present = [v for v in views if _stored(state, name, v["properties"]) is not None]
-            absent = [v for v in views if _stored(state, name, v["properties"]) is None]
-            present.sort(key=lambda v: state._tie_key(v["id"]))
-            present.sort(key=lambda v: _stored(state, name, v["properties"]), reverse=descending)
-            absent.sort(key=lambda v: state._tie_key(v["id"]))
-            views = present + absent  # missing values last in either direction
-        else:
-            views.sort(key=lambda v: (_ms(v["createdAt"]), state._tie_key(v["id"])))
+        views = _cached_search(state, groups, sorts, query)
         total = len(views)
         page = views[after : after + limit]
         results = [_render(v, wanted, DEAL_DEFAULT_PROPERTIES) for v in page]
@@ -1712,6 +1693,60 @@ async def search_deals(request: Request, state: HubSpotState) -> Response:
         # HubSpot hands out the next cursor even when following it will hit the 10,000 ceiling.
         out["paging"] = {"next": {"after": str(after + limit)}}
     return JSONResponse(out)
+
+
+def _cached_search(
+    state: HubSpotState, groups: list[Any], sorts: list[Any], query: str
+) -> list[dict[str, Any]]:
+    """Every deal the search matches, in result order; cached per query and deal version
+    (not while `index_lag` makes what search sees depend on the clock)."""
+    key = json.dumps([groups, sorts, query], sort_keys=True, default=str)
+    hit = state._search_cache.get(key)
+    if hit is not None and hit[0] == state.search_version and not state.index_lag:
+        return hit[1]
+    views = _search(state, groups, sorts, query, state.now())
+    if len(state._search_cache) > 8:
+        state._search_cache.clear()
+    state._search_cache[key] = (state.search_version, views)
+    return views
+
+
+def _search(
+    state: HubSpotState, groups: list[Any], sorts: list[Any], query: str, now: datetime
+) -> list[dict[str, Any]]:
+    views = []
+    for rec in state.deals.values():
+        view = state._search_view(rec, now)
+        # "Archived CRM objects won't appear in any search results."
+        if view is None or view["archived"]:
+            continue
+        props = view["properties"]
+        if groups and not any(
+            all(_filter_matches(state, f, props) for f in (g or {}).get("filters") or [])
+            for g in groups
+        ):
+            continue
+        if query and not any(
+            any(t.startswith(query) or query in t for t in _tokens(str(props.get(p) or "")))
+            or query in str(props.get(p) or "").lower()
+            for p in DEAL_QUERY_PROPERTIES
+        ):
+            continue
+        views.append(view)
+
+    # Default order: by creation date, oldest first. Ties (equal keys) are broken by a salted
+    # hash of the id: stable from page to page, but unrelated to id order.
+    if sorts:
+        name, descending = sorts[0]
+        present = [v for v in views if _stored(state, name, v["properties"]) is not None]
+        absent = [v for v in views if _stored(state, name, v["properties"]) is None]
+        present.sort(key=lambda v: state._tie_key(v["id"]))
+        present.sort(key=lambda v: _stored(state, name, v["properties"]), reverse=descending)
+        absent.sort(key=lambda v: state._tie_key(v["id"]))
+        views = present + absent  # missing values last in either direction
+    else:
+        views.sort(key=lambda v: (_ms(v["createdAt"]), state._tie_key(v["id"])))
+    return views
 
 
 # --------------------------------------------------------------------------------------------
@@ -1833,6 +1868,7 @@ async def create_property(request: Request, state: HubSpotState) -> Response:
         d["hidden"] = bool(body.get("hidden", False))
         d["createdAt"] = d["updatedAt"] = ts
         state.deal_properties[name] = d
+        state.search_version += 1
         return JSONResponse(copy.deepcopy(d), status_code=201)
 
 

@@ -66,8 +66,10 @@ class SandboxStack:
         rate_limits: bool = False,
         systems: tuple[str, ...] | None = None,
         workdir: str | Path | None = None,
+        seed_won_share: float = 0.4,
     ) -> None:
         self.seed_deals = seed_deals
+        self.seed_won_share = seed_won_share
         self.rng = random.Random(rng_seed)
         self.rate_limits = rate_limits
         self.systems = tuple(
@@ -277,7 +279,7 @@ def _start_hubspot(stack: SandboxStack) -> Emulator:
 
     token = "pat-na1-sandbox-" + f"{stack.rng.getrandbits(32):08x}"
     state = HubSpotState(tokens={token})
-    state.seed(stack.seed_deals, stack.rng)
+    state.seed(stack.seed_deals, stack.rng, stack.seed_won_share)
     return _serve(stack, "hubspot", state, token)
 
 
@@ -297,7 +299,7 @@ def _start_salesforce(stack: SandboxStack) -> Emulator:
     state = SalesforceState(rng_seed=stack.rng.randrange(10**6))
     for name, kind in SALESFORCE_PROGRESS_FIELDS:
         state.add_custom_field("Opportunity", name, kind)
-    state.seed(stack.seed_deals, stack.rng)
+    state.seed(stack.seed_deals, stack.rng, stack.seed_won_share)
     token = state.issue_refresh_token(DEFAULT_CLIENT_ID, DEFAULT_USERNAME)
     return _serve(stack, "salesforce", state, token, tls=True)
 

@@ -1412,10 +1412,10 @@ class SalesforceState:
                 )
             return new_id
 
-    def seed(self, n_deals: int, rng: random.Random) -> list[str]:
-        """A realistic org: owners, accounts and `n_deals` opportunities (~40% won, 20% lost,
-        40% open) modified over the past months, a few sharing one SystemModstamp, and tasks
-        on some won deals. Returns the opportunity ids."""
+    def seed(self, n_deals: int, rng: random.Random, won_share: float = 0.4) -> list[str]:
+        """A realistic org: owners, accounts and `n_deals` opportunities (~40% won - or
+        `won_share` - 20% lost, the rest open) modified over the past months, a few sharing
+        one SystemModstamp, and tasks on some won deals. Returns the opportunity ids."""
         with self.lock:
             now = self.now()
             owners = []
@@ -1462,10 +1462,10 @@ class SalesforceState:
                 roll = rng.random()
                 created = now - timedelta(days=rng.randint(20, 420), seconds=rng.randint(0, 86399))
                 modified = created + (now - created) * rng.random()
-                if roll < 0.4:
+                if roll < won_share:
                     stage = CUSTOM_WON_STAGE if rng.random() < 0.25 else "Closed Won"
                     close = (modified - timedelta(days=rng.randint(0, 10))).date()
-                elif roll < 0.6:
+                elif roll < won_share + 0.2:
                     stage = "Closed Lost"
                     close = (modified - timedelta(days=rng.randint(0, 10))).date()
                 else:

@@ -203,6 +203,22 @@ def test_name_taken_by_another_list_adds_the_deal_id(env: Env, cu: ClickUpState)
     assert err.value.kind is ErrorKind.RECORD and "taken" in err.value.message
 
 
+def test_first_run_sends_no_create_it_knows_is_taken(env: Env, cu: ClickUpState) -> None:
+    # A first run looks for every deal's project before creating it (the index, read once);
+    # a name this run already made is not offered to ClickUp again to be refused.
+    _, controls, _ = env
+    tool = connector(env)
+    first, second = stamp(), stamp()
+    assert tool.find_project(first) is None  # builds the index
+    controls.reset_stats()
+    a = tool.create_project(plain_spec("Kramerica onboarding"), first)
+    b = tool.create_project(plain_spec("Kramerica onboarding"), second)
+    assert (a.name, b.name) == ("Kramerica onboarding", f"Kramerica onboarding ({second.deal_id})")
+    routes = controls.stats.as_dict()["by_route"]
+    assert routes["POST /api/v2/folder/{folder_id}/list"] == 2  # none refused
+    assert tool.find_project(second) == b
+
+
 def test_find_by_name_adopts_only_an_unstamped_list(env: Env, cu: ClickUpState) -> None:
     tool = connector(env)
     # A create that died between the List and its deal record.
