@@ -93,16 +93,19 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def engine_section(sizes: list[int], profile_size: int) -> str:
-    from bench.engine import run_child, top_costs
+    from bench.engine import run_child, run_workers, top_costs
 
     results = []
     for n in sizes:
         print(f"engine: {n:,} deals", file=sys.stderr, flush=True)
-        results.append(run_child(n))
+        results.append(run_child(n) | {"workers": 1})
+        print(f"engine: {n:,} deals, 2 worker processes", file=sys.stderr, flush=True)
+        results.append(run_workers(n, 2))
     base = results[0]["peak_rss_mib"]
     rows = [
         [
             r["deals"],
+            r["workers"],
             r["wall_s"],
             round(r["deals_per_s"]),
             round(r["cpu_us_per_deal"]),
@@ -120,11 +123,16 @@ def engine_section(sizes: list[int], profile_size: int) -> str:
         "`hubspot-asana` (4 Jinja templates, typed custom fields), JSON logs at info level to "
         "/dev/null as `handoff sync` logs. One fresh subprocess per size (`python -m "
         "bench.engine N`). *Fake CPU* is the share of the CPU the streaming fake CRM spends "
-        "making deals; it is included in *engine CPU*.",
+        "making deals; it is included in *engine CPU*. *Processes 2*: the same deals split "
+        "into two record ranges, one process each on one SQLite state database (`python -m "
+        "bench.engine N --workers 2`), as `handoff backfill --slices 2` with two workers "
+        "splits a backfill: Python runs one thread of Python at a time, so this is how a "
+        "backfill uses the second core. Peak RSS is per process.",
         "",
         _table(
             [
                 "deals",
+                "processes",
                 "wall s",
                 "deals/s",
                 "engine CPU µs/deal",
@@ -137,11 +145,13 @@ def engine_section(sizes: list[int], profile_size: int) -> str:
         ),
         "",
     ]
-    slowest = min(r["deals_per_s"] for r in results)
-    flat = max(r["peak_rss_mib"] for r in results) / base
+    slowest = min(r["deals_per_s"] for r in results if r["workers"] == 2)
+    single = min(r["deals_per_s"] for r in results if r["workers"] == 1)
+    flat = max(r["peak_rss_mib"] for r in results if r["workers"] == 1) / base
     out.append(
         f"Goal ≥10,000 deals/s: **{'met' if slowest >= 10_000 else 'missed'}** "
-        f"(slowest {slowest:,.0f}/s). Goal peak within 1.5× of the 1k peak: "
+        f"(slowest {slowest:,.0f}/s with both cores, {single:,.0f}/s in one process). "
+        f"Goal peak within 1.5× of the 1k peak: "
         f"**{'met' if flat <= 1.5 else 'missed'}** ({flat:.2f}×)."
     )
     if slowest < 10_000:
