@@ -43,9 +43,8 @@ import secrets
 import threading
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -59,6 +58,7 @@ from sandbox.common import (
     EmulatorControls,
     EmulatorMiddleware,
     RateLimitConfig,
+    SlidingWindow,
     Window,
     bearer_token,
     route_template,
@@ -1406,36 +1406,6 @@ def _one(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _SlidingWindow(Window):
-    """Asana's quota: "defined per minute, it is evaluated more frequently than once per
-    minute" and "Requests rejected by this limiter still count against the quotas"
-    (https://developers.asana.com/docs/rate-limits). So: a sliding log of every request."""
-
-    hits: deque = field(default_factory=deque)
-
-    def _prune(self, now: float) -> None:
-        while self.hits and self.hits[0] <= now - self.seconds:
-            self.hits.popleft()
-
-    def take(self, now: float) -> bool:
-        self._prune(now)
-        ok = len(self.hits) < self.limit
-        self.hits.append(now)  # rejected requests count too
-        return ok
-
-    def remaining(self, now: float) -> int:
-        self._prune(now)
-        return max(0, self.limit - len(self.hits))
-
-    def reset_in(self, now: float) -> float:
-        self._prune(now)
-        excess = len(self.hits) - self.limit
-        if excess < 0:
-            return 0.0
-        return max(0.0, self.hits[excess] + self.seconds - now)
-
-
 _bearer = bearer_token
 
 
@@ -1452,23 +1422,24 @@ def _too_many(retry_after: float | None) -> JSONResponse:
     )
 
 
+@dataclass
+class _AsanaQuota(SlidingWindow):
+    """Asana's quota: "defined per minute, it is evaluated more frequently than once per
+    minute" and "Requests rejected by this limiter still count against the quotas"
+    (https://developers.asana.com/docs/rate-limits). So: a sliding log of every request."""
+
+    rejected_count: bool = True
+
+
 class AsanaFlavor:
     """Asana's HTTP edge: per-token minute windows by plan, its 429 and 5xx bodies."""
 
     def __init__(self, state: AsanaState, controls: EmulatorControls) -> None:
         self.state = state
         self.controls = controls
-        self._windows: dict[str, tuple[Window, _SlidingWindow]] = {}
 
-    def _window(self, key: str, limit: int, seconds: float) -> _SlidingWindow:
-        # The shared controls scale the limit and forget windows on `set_rate_limits`; we keep a
-        # sliding twin of each and start afresh whenever the shared one was replaced.
-        shared = self.controls.window(key, limit, seconds)
-        known = self._windows.get(key)
-        if known is None or known[0] is not shared:
-            known = (shared, _SlidingWindow(key, shared.limit, seconds))
-            self._windows[key] = known
-        return known[1]
+    def _window(self, key: str, limit: int, seconds: float) -> Window:
+        return self.controls.window(key, limit, seconds, kind=_AsanaQuota)
 
     def windows_for(self, request: Request, rates: RateLimitConfig) -> list[Window]:
         # https://developers.asana.com/docs/rate-limits: "Limits are allocated per

@@ -82,6 +82,9 @@ class SlidingWindow(Window):
     """At most `limit` requests in any `seconds`-long span (a rolling window): a request is
     allowed once the one `limit` places before it is `seconds` old."""
 
+    # Some vendors count the requests they refuse against the quota too (Asana: "Requests
+    # rejected by this limiter still count against the quotas").
+    rejected_count: bool = False
     hits: deque = field(default_factory=deque)
 
     def _prune(self, now: float) -> None:
@@ -90,10 +93,10 @@ class SlidingWindow(Window):
 
     def take(self, now: float) -> bool:
         self._prune(now)
-        if len(self.hits) >= self.limit:
-            return False
-        self.hits.append(now)
-        return True
+        ok = len(self.hits) < self.limit
+        if ok or self.rejected_count:
+            self.hits.append(now)
+        return ok
 
     def remaining(self, now: float) -> int:
         self._prune(now)

@@ -26,7 +26,7 @@ from sandbox.asana import (
     BASE_PATH,
     ROUTES,
     AsanaState,
-    _SlidingWindow,
+    _AsanaQuota,
     create_app,
 )
 from sandbox.common import EmulatorControls
@@ -651,7 +651,7 @@ def test_events_need_a_sync_token(http: httpx.Client, az: Env) -> None:
 
 
 def test_sliding_window_counts_rejected_requests() -> None:
-    window = _SlidingWindow("w", 3, 60.0)
+    window = _AsanaQuota("w", 3, 60.0)
     assert [window.take(t) for t in (0.0, 1.0, 2.0)] == [True, True, True]
     assert window.take(3.0) is False
     # At 60.5 the first hit has left the window, but the rejected one at 3.0 still counts.
