@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,6 +104,24 @@ def _store(loaded: Any) -> Any:
     return StateStore(loaded.state_url)
 
 
+@contextmanager
+def _connected(loaded: Any) -> Iterator[tuple[Any, Any]]:
+    """A command's state store and connections, closed at the end. A system that cannot be
+    reached or refuses the credentials ends the command with its sentence and exit 3."""
+    from sync.runner import Connections
+
+    store = _store(loaded)
+    connections = Connections(loaded)
+    try:
+        yield store, connections
+    except ConnectorError as exc:
+        err.print(redact(str(exc)))
+        raise typer.Exit(3) from None
+    finally:
+        connections.close()
+        store.close()
+
+
 def _selected(loaded: Any, pipeline: str | None) -> list[Any]:
     pipelines = [p for p in loaded.config.pipelines if p.enabled]
     if pipeline is None:
@@ -117,23 +137,15 @@ def _selected(loaded: Any, pipeline: str | None) -> list[Any]:
 def run_sync(
     loaded: Any, pipelines: list[Any], *, dry_run: bool, show_progress: bool = True
 ) -> list[Any]:
-    from sync.runner import Connections, run_pipeline
+    from sync.runner import run_pipeline
 
-    store = _store(loaded)
-    connections = Connections(loaded)
     results = []
-    try:
+    with _connected(loaded) as (store, connections):
         for p in pipelines:
             with _progress(show_progress and err.is_terminal, p.name) as tick:
                 results.append(
                     run_pipeline(loaded, p, store, connections, dry_run=dry_run, on_progress=tick)
                 )
-    except ConnectorError as exc:
-        err.print(redact(str(exc)))
-        raise typer.Exit(3) from None
-    finally:
-        connections.close()
-        store.close()
     return results
 
 
@@ -780,7 +792,7 @@ def backfill(
     --status ID shows the plan per slice."""
     from datetime import UTC, datetime
 
-    from sync.runner import Connections, exit_code, run_pipeline
+    from sync.runner import exit_code, run_pipeline
 
     def parse(text: str, flag: str) -> datetime:
         try:
@@ -819,28 +831,22 @@ def backfill(
         if detach:
             raise typer.Exit(0)
         _work_plan(loaded, backfill_id, as_json)
-    store = _store(loaded)
-    connections = Connections(loaded)
-    try:
-        with _progress(err.is_terminal, f"backfill {p.name}") as tick:
-            result = run_pipeline(
-                loaded,
-                p,
-                store,
-                connections,
-                dry_run=dry_run,
-                kind="backfill",
-                since=start,
-                until=end,
-                on_progress=tick,
-                limit=limit,
-            )
-    except ConnectorError as exc:
-        err.print(redact(str(exc)))
-        raise typer.Exit(3) from None
-    finally:
-        connections.close()
-        store.close()
+    with (
+        _connected(loaded) as (store, connections),
+        _progress(err.is_terminal, f"backfill {p.name}") as tick,
+    ):
+        result = run_pipeline(
+            loaded,
+            p,
+            store,
+            connections,
+            dry_run=dry_run,
+            kind="backfill",
+            since=start,
+            until=end,
+            on_progress=tick,
+            limit=limit,
+        )
     if as_json:
         payload = result.as_dict()
         if dry_run:
@@ -867,19 +873,12 @@ def backfill(
 def _plan_slices(loaded: Any, p: Any, start: Any, end: Any, n: int, *, as_json: bool) -> int:
     """Plan the backfill into slices, store the plan, say how others join; returns its id."""
     from sync.backfill_plan import plan_backfill
-    from sync.runner import Connections
 
-    store = _store(loaded)
-    connections = Connections(loaded)
-    try:
-        with _progress(err.is_terminal, f"planning {p.name} (keys-only read)"):
-            planned = plan_backfill(loaded, p, store, connections, since=start, until=end, slices=n)
-    except ConnectorError as exc:
-        err.print(redact(str(exc)))
-        raise typer.Exit(3) from None
-    finally:
-        connections.close()
-        store.close()
+    with (
+        _connected(loaded) as (store, connections),
+        _progress(err.is_terminal, f"planning {p.name} (keys-only read)"),
+    ):
+        planned = plan_backfill(loaded, p, store, connections, since=start, until=end, slices=n)
     if as_json:
         print(
             json.dumps(
