@@ -270,15 +270,6 @@ def backfill(crm: str, tool: str, won: int, limits: bool) -> dict[str, Any]:
     }
 
 
-def _advance_clocks(stack: Any, by: timedelta) -> None:
-    """Move every emulator's clock forward: "`by` later", without waiting for it."""
-    for system, emu in stack.emulators.items():
-        if system == "clickup":
-            emu.state.clock_offset_ms += int(by.total_seconds() * 1000)
-        else:
-            emu.state.clock_offset += by
-
-
 def _one_user_change(stack: Any, crm: str, tool: str) -> None:
     """What a user does between two runs: edit one deal, complete one milestone."""
     crm_state, tool_state = stack[crm].state, stack[tool].state
@@ -325,7 +316,7 @@ def incremental(crm: str, tool: str, seeded: int, won_share: float) -> dict[str,
             prepare(config)
             for step in range(1, 6):
                 if step in (3, 5):
-                    _advance_clocks(stack, timedelta(minutes=10))
+                    stack.advance_clocks(timedelta(minutes=10))
                 if step == 4:
                     _one_user_change(stack, crm, tool)
                 _stats(stack)

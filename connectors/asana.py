@@ -463,6 +463,7 @@ class AsanaProjects(ProjectTool):
     def read_milestone_changes(
         self, since: datetime | None, project_ids: Sequence[str]
     ) -> Iterator[list[Milestone]]:
+        self.read_clock = None
         wanted = set(project_ids)
         if not wanted:
             return
@@ -502,6 +503,7 @@ class AsanaProjects(ProjectTool):
                 opt_fields=self._MILESTONE_FIELDS,
                 limit=PAGE,
             )
+            self._note_read_start()
             page = []
             for t in tasks:
                 modified = _parse_dt(t["modified_at"])
@@ -544,8 +546,13 @@ class AsanaProjects(ProjectTool):
                 )
                 if t.get("resource_subtype") == "milestone"
             ]
+            self._note_read_start()
             if page:
                 yield sorted(page, key=lambda m: (m.modified_at, m.id))
+
+    def _note_read_start(self) -> None:
+        if self.read_clock is None:
+            self.read_clock = self.api.server_clock()
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         # https://developers.asana.com/reference/createstatusforobject

@@ -126,6 +126,14 @@ class Connector(ABC):
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
+        self.read_clock: datetime | None = None
+
+    # `read_clock`: the system's own clock when the latest change read (`read_changed_deals`,
+    # `read_milestone_changes`) made its first request, from the response's `Date` header less
+    # a second (the header has whole seconds), or None when the system sent none. A read that
+    # went to its end has seen every change made before then that the system's search could
+    # see, so the engine's next read may begin an overlap before this time rather than before
+    # the newest record it saw: a quiet pipeline stops re-reading its own last writes.
 
     @property
     def api_calls(self) -> int:

@@ -1067,6 +1067,7 @@ class ClickUpProjects(ProjectTool):
         already seen at that time. Only when a whole page shares one time do we go on by page
         number. The endpoint does not say `last_page`: a short page is the last.
         """
+        self.read_clock = None
         if not project_ids:
             return  # nothing linked: nothing to read
         base: list[tuple[str, Any]] = [
@@ -1090,6 +1091,8 @@ class ClickUpProjects(ProjectTool):
                 ).get("tasks")
                 or []
             )
+            if self.read_clock is None:
+                self.read_clock = self.api.server_clock()
             fresh = [self._milestone(t) for t in tasks if str(t["id"]) not in seen]
             if fresh:
                 yield fresh

@@ -12,7 +12,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -234,6 +236,12 @@ class JsonApi:
     policy: RetryPolicy
     budget: RateBudget
     calls: Counter
+    # Per thread: a change read on one thread must not see the clock of a create on another.
+    _dates: threading.local = field(default_factory=threading.local, repr=False)
+
+    def server_clock(self) -> datetime | None:
+        """`server_clock` of the last response this thread received."""
+        return server_clock(getattr(self._dates, "value", None))
 
     def request(
         self,
@@ -260,6 +268,7 @@ class JsonApi:
             with _COUNT_LOCK:  # the engine creates projects from several threads at once
                 self.calls[route] += 1
             response = self.client.request(method, url, params=params, json=json)
+            self._dates.value = response.headers.get("date")
             self.vendor.observe(response, self.budget)
             if response.status_code >= 400:
                 retry_after = self.vendor.retry_after(response)
@@ -298,14 +307,27 @@ class JsonApi:
         return call_with_retry(system, self.policy, guarded, translate, what=route)
 
 
+def server_clock(date_header: str | None) -> datetime | None:
+    """A response's `Date` (RFC 9110 §6.6.1: the server's clock, whole seconds), less the
+    second it may have been truncated by: a time the request was certainly not served
+    before. None when absent or unreadable."""
+    if not date_header:
+        return None
+    try:
+        when = parsedate_to_datetime(date_header)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+        when = when.replace(tzinfo=UTC)
+    return when - timedelta(seconds=1)
+
+
 def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
-        from email.utils import parsedate_to_datetime
-
         try:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):

@@ -24,6 +24,7 @@ from connectors.http import (
     call_with_retry,
     local_budget,
     parse_retry_after,
+    server_clock,
 )
 from connectors.secrets import redact
 
@@ -259,17 +260,23 @@ class HubSpotCRM(CRM):
             after=after,
         )
         # https://developers.hubspot.com/docs/api/crm/search
-        return self._call(
+        data, _status, headers = self._call(
             "deals.search",
-            lambda: self.client.crm.deals.search_api.do_search(
-                public_object_search_request=request, _request_timeout=self.policy.timeout
+            lambda: self.client.crm.deals.search_api.do_search_with_http_info(
+                public_object_search_request=request,
+                _request_timeout=self.policy.timeout,
+                _return_http_data_only=False,
             ),
             search=True,
         )
+        if self.read_clock is None:
+            self.read_clock = server_clock(headers.get("Date"))
+        return data
 
     def read_changed_deals(
         self, since: datetime | None, fields: Sequence[str], until: datetime | None = None
     ) -> Iterator[list[Deal]]:
+        self.read_clock = None
         props = sorted(set(fields) | set(ALWAYS_READ))
         upper = (
             [{"propertyName": MODIFIED, "operator": "LTE", "value": _ms(until)}] if until else []

@@ -39,8 +39,15 @@ def transient(system: str, what: str = "injected") -> ConnectorError:
 class MemoryCRM(CRM):
     kind = "memory-crm"
 
-    def __init__(self, name: str = "crm", page_size: int = 100, fault: FaultHook | None = None):
+    def __init__(
+        self,
+        name: str = "crm",
+        page_size: int = 100,
+        fault: FaultHook | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ):
         super().__init__()
+        self.clock = clock  # the system's clock, reported as `read_clock` when set
         self.name = name
         self.page_size = page_size
         self.deals: dict[str, Deal] = {}
@@ -59,6 +66,7 @@ class MemoryCRM(CRM):
     def read_changed_deals(
         self, since: datetime | None, fields: Sequence[str], until: datetime | None = None
     ) -> Iterator[list[Deal]]:
+        self.read_clock = self.clock() if self.clock else None
         ordered = sorted(self.deals.values(), key=lambda d: (d.modified_at, d.id))
         chosen = [
             d

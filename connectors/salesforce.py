@@ -33,7 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from connectors.base import CRM, Deal, DealStatus, DealUpdate, WriteOutcome
 from connectors.errors import AUTH_HINT, ConnectorError, ErrorKind, kind_for_status
-from connectors.http import BudgetFactory, RetryPolicy, call_with_retry, local_budget
+from connectors.http import (
+    BudgetFactory,
+    RetryPolicy,
+    call_with_retry,
+    local_budget,
+    server_clock,
+)
 from connectors.secrets import redact, register_secret
 
 T = TypeVar("T")
@@ -247,6 +253,7 @@ class SalesforceCRM(CRM):
             register_secret(secret)
         self.api_usage: tuple[int, int] | None = None  # (used, allocation) from the last reply
         self._usage_read_at = 0.0
+        self._dates = threading.local()  # each thread's last `Date` header (see read_clock)
         self._lock = threading.Lock()
         self._field_types: dict[str, tuple[str, str]] | None = None  # lower -> (name, type)
         self.user_id: str | None = None
@@ -285,6 +292,7 @@ class SalesforceCRM(CRM):
     def _observe(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
         # https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/headers_api_usage.htm
         # "Sforce-Limit-Info: api-usage=18/5000" on every REST response (errors included).
+        self._dates.value = response.headers.get("Date")
         m = _API_USAGE.search(response.headers.get("Sforce-Limit-Info", ""))
         if m:
             self.api_usage = (int(m.group(1)), int(m.group(2)))
@@ -626,7 +634,9 @@ class SalesforceCRM(CRM):
             return f"SELECT {select} FROM Opportunity{clause} ORDER BY SystemModstamp ASC, Id ASC"
 
         last: Deal | None = None
+        self.read_clock = None
         page = self._query(soql([]))
+        self.read_clock = server_clock(getattr(self._dates, "value", None))
         while True:
             deals = [self._deal(r, fields) for r in page.get("records") or []]
             if deals:

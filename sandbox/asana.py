@@ -2702,6 +2702,7 @@ def create_app(state: AsanaState, controls: EmulatorControls | None = None) -> A
     """The emulator as an ASGI app under `/api/1.0`, wrapped in the shared middleware."""
     controls = controls or EmulatorControls()
     state.controls = controls
+    controls.clock = state.now
     routes = [Route(BASE_PATH + p, _endpoint(state, h), methods=m) for p, m, h in _ROUTE_TABLE]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -2195,6 +2196,7 @@ def create_app(state: ClickUpState, controls: EmulatorControls | None = None) ->
     """The emulator as an ASGI app under /api/v2, wrapped in the shared middleware."""
     controls = controls or EmulatorControls()
     state.controls = controls
+    controls.clock = lambda: datetime.fromtimestamp(state.now_ms() / 1000, UTC)
     routes = [Route(p, _endpoint(state, h), methods=m) for p, m, h in _ROUTE_TABLE]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -13,7 +13,10 @@ import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -189,6 +192,9 @@ class EmulatorControls:
         self.stats = RequestStats()
         self._rng = random.Random()
         self._windows: dict[str, Window] = {}
+        # The emulator's clock (its state's, which tests move): every response carries it in
+        # a `Date` header, as the vendors' servers send theirs (RFC 9110 §6.6.1).
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def set_faults(self, **values: Any) -> None:
         with self.lock:
@@ -240,12 +246,13 @@ class EmulatorMiddleware:
         classify = getattr(self.flavor, "is_write", None)
         is_write = classify(request) if classify else method in WRITE_METHODS
         now = time.monotonic()
+        date = format_datetime(c.clock(), usegmt=True)
         with c.lock:
             faults = c.faults
             route = self.flavor.route_name(request)
             windows = self.flavor.windows_for(request, c.rates) if c.rates.enabled else []
             exhausted = next((w for w in windows if not w.take(now)), None)
-            headers = self.flavor.rate_headers(request, windows, now)
+            headers = {"Date": date, **self.flavor.rate_headers(request, windows, now)}
             if exhausted is not None:
                 c.stats.throttled += 1
                 c.stats.by_route[f"429 {route}"] += 1

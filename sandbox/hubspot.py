@@ -2144,6 +2144,7 @@ def create_app(state: HubSpotState, controls: EmulatorControls | None = None) ->
     """The emulator as an ASGI app, wrapped in the shared middleware (`state.controls`)."""
     controls = controls or EmulatorControls()
     state.controls = controls
+    controls.clock = state.now
     routes = [Route(p, _endpoint(state, h, auth), methods=m) for p, m, h, auth in _ROUTE_TABLE]
 
     async def not_found(request: Request, exc: Exception) -> Response:

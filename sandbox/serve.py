@@ -64,6 +64,9 @@ class LoopbackServer:
             ssl_keyfile=tls.key_pem if tls else None,
             ssl_cert_reqs=ssl.CERT_NONE,
             timeout_keep_alive=30,
+            # Each emulator sends its own `Date`, from its movable clock; uvicorn's would be
+            # a second one, from the machine's.
+            date_header=False,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"sandbox-{self.port}")

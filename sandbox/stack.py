@@ -9,6 +9,7 @@ import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,15 @@ class SandboxStack:
         YAML(typ="safe", pure=True).dump(config, buf)
         path.write_text(header + buf.getvalue())
         return path
+
+    def advance_clocks(self, by: timedelta) -> None:
+        """Move every emulator's clock forward: "`by` later", without waiting for it."""
+        for system, emu in self.emulators.items():
+            if system == "clickup":
+                emu.state.advance(by.total_seconds())
+            else:
+                with emu.state.lock:
+                    emu.state.clock_offset += by
 
     # -- inspection (through the emulators' own HTTP APIs) ------------------------------------
     def projects_table(self) -> Any:

@@ -22,6 +22,9 @@ class CursorRow(SQLModel, table=True):
     modified_at: datetime = _ts(nullable=False)
     record_id: str
     updated_at: datetime = _ts(nullable=False)
+    # The system's clock when the last read that went to its end began: everything changed
+    # before it (less the overlap) has been read, even if the cursor's record is older.
+    read_from: datetime | None = _ts(nullable=True)
 
 
 class LinkRow(SQLModel, table=True):

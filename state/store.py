@@ -270,6 +270,13 @@ class StateStore:
                 s.exec(delete(SeenRow).where(SeenRow.pipeline == pipeline))  # type: ignore[call-overload]
             else:
                 self._write_cursor(s, pipeline, stream, cursor)
+                # Set by hand (a rewind): the next read starts at this cursor, not at the
+                # last complete read.
+                s.exec(
+                    update(CursorRow)  # type: ignore[call-overload]
+                    .where(CursorRow.pipeline == pipeline, CursorRow.stream == stream)
+                    .values(read_from=None)
+                )
 
     def _write_cursor(self, s: Session, pipeline: str, stream: str, cursor: Cursor) -> None:
         stmt = self._statements.get("cursor")
@@ -303,6 +310,28 @@ class StateStore:
                 "updated_at": utcnow(),
             },
         )
+
+    def read_from(self, pipeline: str, stream: str) -> datetime | None:
+        """Where the stream's last complete read began, on the system's clock (see
+        `Connector.read_clock`), or None."""
+        with Session(self.engine) as s:
+            row = s.get(CursorRow, (pipeline, stream))
+            return as_utc(row.read_from) if row else None
+
+    def advance_read_from(self, pipeline: str, stream: str, when: datetime) -> None:
+        """Record that a read beginning at `when` went to its end. Only moves forward, and
+        only on a stream that has a cursor (a read that found nothing yet leaves none)."""
+        c = CursorRow.__table__.c
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(CursorRow.__table__)
+                .where(
+                    c.pipeline == pipeline,
+                    c.stream == stream,
+                    (c.read_from.is_(None)) | (c.read_from < when),
+                )
+                .values(read_from=when)
+            )
 
     def cursors(self, pipeline: str) -> dict[str, Cursor]:
         with Session(self.engine) as s:

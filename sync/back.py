@@ -19,7 +19,7 @@ from connectors.base import CRM, Cursor, DealUpdate, Milestone, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
 from mappings.field_map import CompiledFieldMap, evaluate, render_text
 from state.store import BACK_LINK_COLUMNS, Link, PageCommit, Parked, StateStore
-from sync.forward import Counts, StopRun, fingerprint
+from sync.forward import Counts, StopRun, fingerprint, read_start
 
 STREAM = "milestones"
 HOLD_BATCHES = 100  # up to 10,000 HubSpot or 20,000 Salesforce deals held in memory
@@ -111,7 +111,9 @@ class BackSync:
         if not self.field_map.spec.progress:
             return self.counts
         cursor = self.store.get_cursor(self.pipeline, STREAM)
-        since = cursor.modified_at - self.overlap if cursor else None
+        since = None
+        if cursor is not None:
+            since = read_start(self.store, self.pipeline, STREAM, cursor) - self.overlap
         high = cursor
         project_ids = [
             lk.project_id for lk in self.store.iter_links(self.pipeline) if lk.project_id
@@ -131,6 +133,8 @@ class BackSync:
             self._flush(high)
         except ConnectorError as exc:
             raise StopRun(exc) from exc
+        if not self.dry_run and self.tool.read_clock is not None:
+            self.store.advance_read_from(self.pipeline, STREAM, self.tool.read_clock)
         return self.counts
 
     def retry(self, deal_ids: list[str]) -> Counts:

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from connectors.base import CRM, Deal, DealStamp, DealStatus, ProjectSpec, ProjectTool
+from connectors.base import CRM, Cursor, Deal, DealStamp, DealStatus, ProjectSpec, ProjectTool
 from connectors.errors import ConnectorError, ErrorKind
 from mappings.field_map import CompiledFieldMap, ForwardResult, deal_context, map_deal, render_text
 from state.store import FORWARD_LINK_COLUMNS, Link, PageCommit, Parked, StateStore
@@ -31,6 +31,15 @@ PARTIAL = "__partial__"  # fingerprint key marking a project whose create was cu
 
 # Built once: json.dumps with non-default options builds a new encoder on every call.
 _FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, default=str)
+
+
+def read_start(store: StateStore, pipeline: str, stream: str, cursor: Cursor) -> datetime:
+    """Where an incremental read begins, before the overlap: the cursor's record, or the
+    start of the last read that went to its end if that is later. Without the second, a
+    pipeline with nothing new re-reads the changes of its last overlap on every run (often
+    its own write-back) until something newer moves the cursor."""
+    read_from = store.read_from(pipeline, stream)
+    return max(cursor.modified_at, read_from) if read_from else cursor.modified_at
 
 
 def fingerprint(value: Any) -> str:
@@ -143,9 +152,10 @@ class ForwardSync:
     def run(self, since: datetime | None = None, until: datetime | None = None) -> Counts:
         """Read and apply every change since the cursor (or `since` for a backfill)."""
         cursor = self.store.get_cursor(self.pipeline, self.stream)
+        incremental = since is None and until is None
         if since is None:
             if cursor is not None:
-                since = cursor.modified_at - self.overlap
+                since = read_start(self.store, self.pipeline, self.stream, cursor) - self.overlap
             elif self.start_from is not None:
                 since = datetime(
                     self.start_from.year, self.start_from.month, self.start_from.day, tzinfo=UTC
@@ -172,6 +182,8 @@ class ForwardSync:
                 else:
                     with contextlib.suppress(Exception):  # the first failure is the one to tell
                         self._save_window(high)
+        if incremental and not self.dry_run and self.crm.read_clock is not None:
+            self.store.advance_read_from(self.pipeline, self.stream, self.crm.read_clock)
         return self.counts
 
     def _save_window(self, high: Any) -> None:

@@ -173,11 +173,18 @@ class _Limited:
 
     def __init__(self, crm: CRM, limit: int) -> None:
         self._crm, self._left = crm, max(0, limit)
+        self._cut = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._crm, name)
 
+    @property
+    def read_clock(self) -> datetime | None:
+        # A read cut short by the limit has not seen everything changed since it began.
+        return None if self._cut else self._crm.read_clock
+
     def read_changed_deals(self, *args: Any, **kwargs: Any) -> Any:
+        self._cut = True
         if self._left <= 0:
             return
         for page in self._crm.read_changed_deals(*args, **kwargs):
@@ -187,6 +194,7 @@ class _Limited:
                 yield page
             if self._left <= 0:
                 return
+        self._cut = False
 
 
 def _plan_lookups(forward: ForwardSync, crm: CRM, tool: ProjectTool) -> None:

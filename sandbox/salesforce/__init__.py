@@ -2601,6 +2601,7 @@ def create_app(state: SalesforceState, controls: EmulatorControls | None = None)
     """The emulator as an ASGI app, wrapped in the shared fault/rate/stats middleware."""
     controls = controls or EmulatorControls()
     state.controls = controls
+    controls.clock = state.now
 
     async def dispatch(request: Request) -> Response:
         route, params, allowed = _match(request.method, request.url.path)

@@ -89,3 +89,18 @@ def test_retry_after_parsing():
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
+
+
+def test_server_clock_is_the_date_header_less_its_truncated_second():
+    from datetime import UTC, datetime
+
+    from connectors.http import server_clock
+
+    assert server_clock("Mon, 23 Nov 2026 14:00:05 GMT") == datetime(
+        2026, 11, 23, 14, 0, 4, tzinfo=UTC
+    )
+    assert server_clock("Mon, 23 Nov 2026 15:00:05 +0100") == datetime(
+        2026, 11, 23, 14, 0, 4, tzinfo=UTC
+    )
+    assert server_clock(None) is None
+    assert server_clock("yesterday-ish") is None

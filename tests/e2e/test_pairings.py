@@ -5,6 +5,7 @@ back, and repeated runs that write nothing."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,16 @@ def test_pairing_end_to_end(crm: str, tool: str, tmp_path: Path):
             again = sync_json(config)["pipelines"][0]
             assert again["progress_written"] == 0 and again["updated"] == 0
         assert {s: writes(stack, s) for s in (crm, tool)} == before
+
+        # Nothing changes for a while. The first quiet run may re-read what changed in the
+        # overlap before the last read began; every quiet run after it reads nothing: each
+        # system's clock (its `Date` header) marks where the last complete read began. Its
+        # calls are the change reads plus what each process does once: a Salesforce login,
+        # look-ups of names in the config (a ClickUp Workspace and milestone type given by
+        # name: one call each).
+        for _ in range(2):
+            stack.advance_clocks(timedelta(minutes=10))
+            quiet = sync_json(config)["pipelines"][0]
+        assert quiet["read"] == 0 and quiet["milestones_read"] == 0, quiet
+        most = {"hubspot": 1, "salesforce": 2, "asana": 2, "clickup": 3}
+        assert all(n <= most[s] for s, n in quiet["api_calls"].items()), quiet["api_calls"]

@@ -22,6 +22,7 @@ from state.backfill_slices import (
     backfill_holder,
     slice_stream,
 )
+from state.models import CursorRow
 from state.store import StateStore
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -207,10 +208,15 @@ def test_migrating_from_0001_adds_the_table_and_keeps_the_data(url: str) -> None
     engine = make_engine(url)
     try:
         migrate.upgrade(engine, "0001")  # a database left by the previous release
-        old = StateStore(url, create=False)
-        old.set_cursor("p1", "deals", Cursor(T0, "7"))
+        with engine.begin() as conn:  # as the previous release wrote its cursors
+            conn.execute(
+                CursorRow.__table__.insert().values(
+                    pipeline="p1", stream="deals", modified_at=T0, record_id="7", updated_at=T0
+                )
+            )
         assert migrate.status(engine).state == "behind"
-        assert migrate.upgrade(engine) == ("0001", "0002")
+        assert migrate.upgrade(engine) == ("0001", migrate.head())
+        old = StateStore(url, create=False)
         with engine.connect() as conn:
             assert "backfill_slices" in inspect(conn).get_table_names()
         assert old.get_cursor("p1", "deals") == Cursor(T0, "7")

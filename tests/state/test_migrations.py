@@ -22,6 +22,8 @@ def _create_baseline_tables(engine) -> None:
     """How releases before Alembic made the schema: create_all of the first release's tables."""
     baseline = [SQLModel.metadata.tables[name] for name in sorted(migrate.BASELINE_TABLES)]
     SQLModel.metadata.create_all(engine, tables=baseline)
+    with engine.begin() as conn:  # added to the table by migration 0003
+        conn.exec_driver_sql("ALTER TABLE cursors DROP COLUMN read_from")
 
 
 def _diff(url: str) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from connectors.base import Deal, DealStatus
+from connectors.base import Cursor, Deal, DealStatus
 from connectors.memory import MemoryCRM, MemoryProjects, won
 from sync.forward import ForwardSync
 
@@ -224,3 +224,40 @@ def test_a_create_cut_short_after_the_project_exists_is_completed_and_stamped(wr
     assert project.spec.custom_fields["Deal amount"] == 5
     assert store.dead_letters("p1") == []
     assert len(tool.projects) == 1
+
+
+def test_a_quiet_pipeline_stops_re_reading_its_overlap(write_map, store):
+    """The CRM's clock says where each complete read began: the next read starts an overlap
+    before that, not before the newest record (which may be long ago), so a pipeline with
+    nothing new reads nothing; a record that surfaces late inside that overlap still comes."""
+    clock = [T0 + timedelta(hours=1)]
+    crm, tool, fmap = seeded(), MemoryProjects(), write_map()
+    crm.clock = lambda: clock[0]
+    assert engine(crm, tool, fmap, store).run().read == 10
+    assert store.read_from("p1", "deals") == T0 + timedelta(hours=1)
+
+    clock[0] += timedelta(minutes=30)
+    assert engine(crm, tool, fmap, store).run().read == 0  # the cursor's overlap: 10
+    crm.put(won("late", T0 + timedelta(hours=1, minutes=28)))  # indexed late, in the overlap
+    clock[0] += timedelta(minutes=30)
+    counts = engine(crm, tool, fmap, store).run()
+    assert (counts.read, counts.created) == (1, 1)
+
+
+def test_only_a_complete_incremental_read_moves_where_reads_begin(write_map, store):
+    from sync.runner import _Limited
+
+    clock = [T0 + timedelta(hours=1)]
+    crm, tool, fmap = seeded(), MemoryProjects(), write_map()
+    crm.clock = lambda: clock[0]
+    engine(_Limited(crm, 3), tool, fmap, store).run()  # `--limit 3`: the rest is unread
+    assert store.get_cursor("p1", "deals") is not None
+    assert store.read_from("p1", "deals") is None
+    assert engine(crm, tool, fmap, store).run(since=T0).created == 2  # a backfill
+    assert store.read_from("p1", "deals") is None
+    assert engine(crm, tool, fmap, store).run().created == 0
+    assert store.read_from("p1", "deals") == clock[0]
+
+    store.set_cursor("p1", "deals", Cursor(T0, "0"))  # an operator rewinds the cursor
+    assert store.read_from("p1", "deals") is None
+    assert engine(crm, tool, fmap, store).run().read == 10
