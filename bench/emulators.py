@@ -304,9 +304,11 @@ def incremental(crm: str, tool: str, seeded: int, won_share: float) -> dict[str,
     1. a first sync links the won deals and writes their progress back;
     2. a second reads back the echo of those writes;
     3. ten minutes later (the emulators' clocks moved on, past the two-minute overlap) a
-       third, nothing changed;
-    4. a user edits one deal and completes one milestone; a fourth sync applies that;
-    5. ten minutes later a fifth, nothing changed.
+       third, nothing changed: it re-reads what changed in the overlap before the second
+       began (the tail of the first's write-back), as every first read after a change does;
+    4. ten minutes later a fourth, nothing changed;
+    5. a user edits one deal and completes one milestone; a fifth sync applies that;
+    6. and 7. ten minutes apart, nothing changed.
     """
     runs = []
     with tempfile.TemporaryDirectory(prefix="handoff-bench-") as tmp:
@@ -314,10 +316,10 @@ def incremental(crm: str, tool: str, seeded: int, won_share: float) -> dict[str,
         try:
             config = _write_config(stack, Path(tmp) / "handoff.yaml", crm, tool, None)
             prepare(config)
-            for step in range(1, 6):
-                if step in (3, 5):
+            for step in range(1, 8):
+                if step in (3, 4, 6, 7):
                     stack.advance_clocks(timedelta(minutes=10))
-                if step == 4:
+                if step == 5:
                     _one_user_change(stack, crm, tool)
                 _stats(stack)
                 run = handoff_sync(config)

@@ -353,12 +353,14 @@ def incremental_text(history: int, won_share: float, raw: list[dict[str, Any]]) 
                 r["linked"],
                 runs[0]["wall_s"],
                 runs[1]["changes"]["read"],
-                runs[2]["wall_s"],
                 runs[2]["api_calls"],
                 runs[2]["changes"],
-                runs[4]["wall_s"],
-                runs[4]["api_calls"],
-                runs[4]["changes"],
+                runs[3]["wall_s"],
+                runs[3]["api_calls"],
+                runs[3]["changes"],
+                runs[5]["api_calls"],
+                runs[6]["api_calls"],
+                runs[6]["changes"],
             ]
         )
     text = "\n".join(
@@ -369,11 +371,16 @@ def incremental_text(history: int, won_share: float, raw: list[dict[str, Any]]) 
             "modification times are spread over the past months (the newest hours old; the "
             "Salesforce seed's can be minutes old). Rate limits off. Run 1 links every won "
             "deal and writes progress back; run 2 follows at once and reads the echo of those "
-            "writes (writing nothing: fingerprints match). Then every emulator's clock moves "
-            "ten minutes on, past the pipelines' two-minute overlap (left as configured), and "
-            "**run 3** finds nothing changed. A user then edits one deal and completes one "
-            "milestone; run 4 applies that; clocks move ten minutes on again and **run 5** "
-            "finds nothing changed. Goal: ≤2 API calls per system with nothing changed.",
+            "writes (writing nothing: fingerprints match). Before each of runs 3, 4, 6 and 7 "
+            "every emulator's clock moves ten minutes on, past the pipelines' two-minute "
+            "overlap (left as configured), and nothing changes. Run 3, the first read after "
+            "the echo, re-reads what changed inside the overlap before run 2's read began (the "
+            "tail of run 1's write-back): the overlap exists for changes a search shows late. "
+            "**Run 4** and every quiet run after it start an overlap before where the last "
+            "complete read began (each system's `Date` header) and find nothing. A user then "
+            "edits one deal and completes one milestone; run 5 applies that; run 6 re-reads "
+            "that change's overlap and **run 7** finds nothing. Goal: ≤2 API calls per system "
+            "with nothing changed.",
             "",
             _table(
                 [
@@ -382,12 +389,14 @@ def incremental_text(history: int, won_share: float, raw: list[dict[str, Any]]) 
                     "projects linked",
                     "run 1 wall s",
                     "run 2 deals read",
-                    "run 3 wall s",
                     "run 3 API calls",
                     "run 3 reads",
-                    "run 5 wall s",
-                    "run 5 API calls",
-                    "run 5 reads",
+                    "run 4 wall s",
+                    "run 4 API calls",
+                    "run 4 reads",
+                    "run 6 API calls",
+                    "run 7 API calls",
+                    "run 7 reads",
                 ],
                 rows,
             ),
