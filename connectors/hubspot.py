@@ -31,7 +31,6 @@ from connectors.secrets import redact
 T = TypeVar("T")
 
 SEARCH_LIMIT = 200  # https://developers.hubspot.com/docs/api/crm/search (max page size)
-SEARCH_CEILING = 10_000  # "paging beyond 10,000 results returns a 400"
 BATCH_LIMIT = 100  # https://developers.hubspot.com/docs/api/crm/deals (batch inputs)
 MODIFIED = "hs_lastmodifieddate"
 ALWAYS_READ = ("dealname", "dealstage", "pipeline", MODIFIED)
@@ -247,9 +246,7 @@ class HubSpotCRM(CRM):
         )
 
     # -- reads ----------------------------------------------------------------------------------
-    def _search(
-        self, groups: list[list[dict]], sort: str, props: list[str], after: str | None
-    ) -> Any:
+    def _search(self, groups: list[list[dict]], sort: str, props: list[str]) -> Any:
         from hubspot.crm.deals import PublicObjectSearchRequest
 
         request = PublicObjectSearchRequest(
@@ -257,7 +254,6 @@ class HubSpotCRM(CRM):
             sorts=[{"propertyName": sort, "direction": "ASCENDING"}],
             properties=props,
             limit=SEARCH_LIMIT,
-            after=after,
         )
         # https://developers.hubspot.com/docs/api/crm/search
         data, _status, headers = self._call(
@@ -276,69 +272,61 @@ class HubSpotCRM(CRM):
     def read_changed_deals(
         self, since: datetime | None, fields: Sequence[str], until: datetime | None = None
     ) -> Iterator[list[Deal]]:
+        """Keyset paging: each search starts at the last page's newest timestamp (`GTE`,
+        skipping the deals already read at it), never at an offset. HubSpot's `after` is an
+        offset into a result set that moves while we read: a deal edited meanwhile jumps to
+        the end and the deal at the page boundary slides under the offset, never to be read
+        (it is older than the cursor the read ends with). Keyset paging also never meets
+        the 10,000-result ceiling of one query."""
         self.read_clock = None
         props = sorted(set(fields) | set(ALWAYS_READ))
         upper = (
             [{"propertyName": MODIFIED, "operator": "LTE", "value": _ms(until)}] if until else []
         )
-        lower_ms = _ms(since) if since else "0"
-        op = "GTE"
+        anchor, op = (_ms(since) if since else "0"), "GTE"
+        at_anchor: set[str] = set()  # deals already read at the anchor's timestamp
         while True:
-            # Phase 1: by time, until the result ceiling or the end.
-            groups = [[{"propertyName": MODIFIED, "operator": op, "value": lower_ms}, *upper]]
-            after: str | None = None
-            read = 0
-            last: Deal | None = None
-            at_last: set[str] = set()
-            while True:
-                page = self._search(groups, MODIFIED, props, after)
-                deals = [self._deal(o) for o in page.results]
-                if deals:
-                    yield deals
-                    read += len(deals)
-                    for d in deals:
-                        if last is None or d.modified_at != last.modified_at:
-                            at_last = set()
-                        at_last.add(d.id)
-                        last = d
-                nxt = page.paging.next.after if page.paging and page.paging.next else None
-                if not nxt:
-                    return
-                if read + SEARCH_LIMIT > SEARCH_CEILING:
-                    break
-                after = nxt
-            assert last is not None
-            # Phase 2: drain every deal sharing the last timestamp in id order (HubSpot
-            # returns ties in no promised order), re-anchoring on the id below the ceiling.
-            tie_ms = _ms(last.modified_at)
-            last_id = "0"
-            while True:
-                groups = [
-                    [
-                        {"propertyName": MODIFIED, "operator": "EQ", "value": tie_ms},
-                        {"propertyName": "hs_object_id", "operator": "GT", "value": last_id},
-                    ]
+            groups = [[{"propertyName": MODIFIED, "operator": op, "value": anchor}, *upper]]
+            page = self._search(groups, MODIFIED, props)
+            deals = [self._deal(o) for o in page.results]
+            fresh = [d for d in deals if d.id not in at_anchor or _ms(d.modified_at) != anchor]
+            if fresh:
+                yield fresh
+            if not (page.paging and page.paging.next) or not deals:
+                return
+            newest = _ms(deals[-1].modified_at)
+            if newest == anchor:
+                # A whole page at one timestamp: the anchor cannot move. Drain that
+                # timestamp in id order (HubSpot returns ties in no promised order).
+                yield from self._drain_timestamp(
+                    anchor, upper, props, at_anchor | {d.id for d in deals}
+                )
+                op, at_anchor = "GT", set()
+                continue
+            anchor, op = newest, "GTE"
+            at_anchor = {d.id for d in deals if _ms(d.modified_at) == newest}
+
+    def _drain_timestamp(
+        self, stamp_ms: str, upper: list[dict], props: list[str], already: set[str]
+    ) -> Iterator[list[Deal]]:
+        """Every deal modified at exactly `stamp_ms`, by id (keyset again, not offsets)."""
+        last_id = "0"
+        while True:
+            groups = [
+                [
+                    {"propertyName": MODIFIED, "operator": "EQ", "value": stamp_ms},
+                    {"propertyName": "hs_object_id", "operator": "GT", "value": last_id},
+                    *upper,
                 ]
-                after, read, drained = None, 0, False
-                while True:
-                    page = self._search(groups, "hs_object_id", props, after)
-                    deals = [self._deal(o) for o in page.results]
-                    fresh = [d for d in deals if d.id not in at_last]
-                    if fresh:
-                        yield fresh
-                    if deals:
-                        last_id = deals[-1].id
-                    read += len(deals)
-                    nxt = page.paging.next.after if page.paging and page.paging.next else None
-                    if not nxt:
-                        drained = True
-                        break
-                    if read + SEARCH_LIMIT > SEARCH_CEILING:
-                        break
-                    after = nxt
-                if drained:
-                    break
-            lower_ms, op = tie_ms, "GT"
+            ]
+            page = self._search(groups, "hs_object_id", props)
+            deals = [self._deal(o) for o in page.results]
+            fresh = [d for d in deals if d.id not in already]
+            if fresh:
+                yield fresh
+            if not (page.paging and page.paging.next) or not deals:
+                return
+            last_id = deals[-1].id
 
     def get_deals(self, deal_ids: Sequence[str], fields: Sequence[str]) -> list[Deal]:
         from hubspot.crm.deals import BatchReadInputSimplePublicObjectId

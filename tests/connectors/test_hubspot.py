@@ -51,6 +51,25 @@ def test_reads_every_deal_once_across_pages(hubspot):
     assert Counter(d.id for d in deals) == Counter(ids)
 
 
+def test_a_deal_edited_while_the_read_pages_through_costs_no_other_deal(hubspot):
+    """Edited mid-read, a deal already read moves to the end of the result order. Paging by
+    offset (`after`) would then skip the deal that slid into the page boundary, and it is
+    older than the cursor the read ends with: lost for good. Every deal must still come."""
+    state, server = hubspot
+    t0 = datetime(2025, 2, 1, tzinfo=UTC)
+    ids = [
+        state.add_deal({"dealname": f"d{i}"}, modified_at=t0 + timedelta(minutes=i))
+        for i in range(450)
+    ]
+    crm = connector(server)
+    pages = crm.read_changed_deals(None, ["dealname"])
+    seen = [d.id for d in next(pages)]
+    state.update_deal(ids[0], {"dealname": "edited while the read runs"})
+    seen += [d.id for page in pages for d in page]
+    assert set(seen) == set(ids)
+    assert Counter(seen)[ids[0]] == 2  # its new version comes too, at the end
+
+
 def test_more_than_ten_thousand_deals_sharing_one_timestamp_are_each_read_once(hubspot):
     state, server = hubspot
     stamp = datetime(2025, 1, 31, 23, 59, tzinfo=UTC)
