@@ -20,10 +20,12 @@ from jinja2.utils import concat
 from pydantic import ValidationError
 
 from connectors.base import Deal, MilestoneSpec, ProjectSpec
+from mappings.fast_render import compile_fast
 from mappings.problems import Problem, ProblemsFound, problems_from_validation
 from mappings.schema import FieldMap, FieldRule
 from mappings.transforms import (
     COERCIONS,
+    DICT_NAMES,
     TEMPLATE_NAMES,
     CoercionError,
     RecordView,
@@ -34,6 +36,46 @@ from mappings.yaml_source import LocatedYaml, load_yaml
 
 _ENV = make_environment()
 PRESET_PREFIX = "preset:"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """A FieldRule's settings as slots, for `_evaluate` on the hot path: it reads half a
+    dozen for each field of every deal, and a pydantic model's attribute costs several times
+    a slot's. Read the same way, so `evaluate` takes either."""
+
+    source: str | None
+    template: str | None
+    value: Any
+    transforms: list[str]
+    map: dict[str, Any] | None
+    default: Any
+    type: str | None
+    required: bool
+
+    @classmethod
+    def of(cls, r: FieldRule) -> _Rule:
+        return cls(
+            r.source, r.template, r.value, r.transforms, r.map, r.default, r.type, r.required
+        )
+
+
+# A project field for `map_deal`: (key, rule, name in errors, kept-in-sync key or None, daily).
+_Target = tuple[str, _Rule, str, str | None, bool]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The project part of a map as `map_deal` applies it, with the names its errors and
+    kept-in-sync values use: made once per map, not once per deal."""
+
+    name: _Rule
+    fields: list[_Target]
+    custom_fields: list[_Target]
+    milestones_start: _Rule | None
+    milestones: list[Any]  # MilestoneRule
+    template: str | None
+    sections: list[str]
 
 
 @dataclass
@@ -55,7 +97,34 @@ class CompiledFieldMap:
     # Texts whose only name is `today` (a due date 90 days out): rendered once per day, not
     # once per deal.
     daily: set[str] = field(default_factory=set)
+    # template text -> its fast render (mappings.fast_render), for the texts it covers
+    fast: dict[str, Callable[[dict[str, Any]], str]] = field(default_factory=dict, repr=False)
+    # Whether a template or a rule may read the deal's `modified_at` / a template reads `now`:
+    # `map_deal` leaves out of the context what none of them can read (see _uses_deal_whole).
+    reads_modified_at: bool = True
+    uses_now: bool = True
     _daily_cache: dict[tuple[Any, Any], Any] = field(default_factory=dict, repr=False)
+    _plan: _Plan | None = field(default=None, repr=False)
+
+    def plan(self) -> _Plan:
+        if self._plan is None:
+            p = self.spec.project
+            self._plan = _Plan(
+                _Rule.of(p.name),
+                [self._target("fields", k, r) for k, r in p.fields.items()],
+                [self._target("custom_fields", k, r) for k, r in p.custom_fields.items()],
+                _Rule.of(p.milestones_start) if p.milestones_start is not None else None,
+                list(p.milestones),
+                p.template,
+                list(p.sections),
+            )
+        return self._plan
+
+    def _target(self, label: str, key: str, rule: FieldRule) -> _Target:
+        # As `evaluate` decides it: a template of `today` alone is worked out once a day.
+        daily = rule.template is not None and rule.source is None and rule.template in self.daily
+        synced = f"{label}.{key}" if rule.sync else None
+        return key, _Rule.of(rule), f"project.{label}.{key}", synced, daily
 
     def template(self, text: str) -> Template:
         return self.templates[text]
@@ -78,7 +147,15 @@ class CompiledFieldMap:
     def _render(self, text: str, context: dict[str, Any]) -> str:
         """`Template.render`, minus the per-call merge of Jinja's globals into the context
         (the load-time check admits only TEMPLATE_NAMES, so no template can reach them):
-        a third of a render's cost on the backfill hot path."""
+        a third of a render's cost on the backfill hot path. A template the fast render
+        covers is rendered by it, unless it meets anything unusual: Jinja then renders it as
+        before, and gives the same text or raises the same error."""
+        fast = self.fast.get(text)
+        if fast is not None:
+            try:
+                return fast(context)
+            except Exception:
+                pass  # Jinja's render below decides, as it always did
         t = self.templates[text]
         return concat(t.root_render_func(Context(_ENV, context, t.name, t.blocks))).strip()
 
@@ -111,6 +188,22 @@ def _referenced_deal_fields(ast: nodes.Template) -> set[str]:
             elif isinstance(node.arg, nodes.Const):
                 out.add(str(node.arg.value))
     return out
+
+
+def _uses_deal_whole(ast: nodes.Template) -> bool:
+    """Whether the template uses `deal` other than to read a field by its name (`deal.x`,
+    `deal['x']`): `deal.items()`, `deal | tojson` or `{% set d = deal %}` may read any."""
+    by_name = {
+        id(node.node)
+        for node in ast.find_all((nodes.Getattr, nodes.Getitem))
+        if isinstance(node.node, nodes.Name)
+        and (
+            node.attr not in DICT_NAMES
+            if isinstance(node, nodes.Getattr)
+            else isinstance(node.arg, nodes.Const)
+        )
+    }
+    return any(id(n) not in by_name for n in ast.find_all(nodes.Name) if n.name == "deal")
 
 
 def _template_texts(fm: FieldMap) -> list[tuple[tuple[Any, ...], str]]:
@@ -153,8 +246,10 @@ def compile_field_map(doc: LocatedYaml) -> tuple[CompiledFieldMap | None, list[P
         return None, problems_from_validation(exc, doc, FieldMap)
     problems: list[Problem] = []
     templates: dict[str, Template] = {}
+    fast: dict[str, Callable[[dict[str, Any]], str]] = {}
     daily: set[str] = set()
     referenced = set(_source_fields(spec)) | set(spec.read_fields)
+    uses_now = deal_whole = False
     for loc, text in _template_texts(spec):
         rule_loc = loc + ("template",) if loc[-1] != "name" or loc[1] != "milestones" else loc
         try:
@@ -185,13 +280,22 @@ def compile_field_map(doc: LocatedYaml) -> tuple[CompiledFieldMap | None, list[P
             )
             continue
         referenced |= _referenced_deal_fields(ast)
+        deal_whole = deal_whole or _uses_deal_whole(ast)
+        uses_now = uses_now or "now" in names
         templates[text] = _ENV.from_string(text)
+        fast_render = compile_fast(ast, _ENV, TEMPLATE_NAMES)
+        if fast_render is not None:
+            fast[text] = fast_render
         if names <= {"today"}:
             daily.add(text)
+    reads_modified_at = deal_whole or "modified_at" in referenced
     # Fields every deal carries without asking the CRM for them.
     referenced -= {"id", "status", "url", "modified_at"}
     # The map is returned even with template problems, so callers can check the rest too.
-    return CompiledFieldMap(doc.path, spec, templates, sorted(referenced), daily), problems
+    compiled = CompiledFieldMap(
+        doc.path, spec, templates, sorted(referenced), daily, fast, reads_modified_at, uses_now
+    )
+    return compiled, problems
 
 
 def load_field_map(path: str | Path) -> CompiledFieldMap:
@@ -206,14 +310,17 @@ def load_field_map(path: str | Path) -> CompiledFieldMap:
 
 
 def deal_context(deal: Deal) -> dict[str, Any]:
+    return {"deal": _deal_view(deal, modified_at=True)}
+
+
+def _deal_view(deal: Deal, modified_at: bool) -> RecordView:
     view = RecordView(deal.properties)  # its fields, plus id/status/url/modified_at
-    view.update(
-        id=deal.id,
-        status=str(deal.status),
-        url=deal.url or "",
-        modified_at=deal.modified_at.isoformat(),
-    )
-    return {"deal": view}
+    view["id"] = deal.id
+    view["status"] = str(deal.status)
+    view["url"] = deal.url or ""
+    if modified_at:  # a tenth of a mapping's cost: written only for a map that reads it
+        view["modified_at"] = deal.modified_at.isoformat()
+    return view
 
 
 def _empty(value: Any) -> bool:
@@ -221,18 +328,23 @@ def _empty(value: Any) -> bool:
 
 
 def evaluate(
-    cm: CompiledFieldMap, name: str, rule: FieldRule, context: dict[str, Any], source: dict
+    cm: CompiledFieldMap, name: str, rule: FieldRule | _Rule, context: dict[str, Any], source: dict
 ) -> tuple[Any, MappingError | None]:
     """One target field's value, or the reason it cannot be computed."""
     if rule.template is not None and rule.source is None and rule.template in cm.daily:
         # The same all day for every record (a due date 90 days out): computed once.
+        cached = cm._daily_cache.get((id(rule), context.get("today")))
+        if cached is not None:  # as once_a_day finds it, without a closure for every record
+            return cached
         return cm.once_a_day(id(rule), context, lambda: _evaluate(cm, name, rule, context, source))
     return _evaluate(cm, name, rule, context, source)
 
 
 def _evaluate(
-    cm: CompiledFieldMap, name: str, rule: FieldRule, context: dict[str, Any], source: dict
+    cm: CompiledFieldMap, name: str, rule: FieldRule | _Rule, context: dict[str, Any], source: dict
 ) -> tuple[Any, MappingError | None]:
+    # `value is None or value == ""` is `_empty(value)`, inline: this runs for every field of
+    # every deal.
     try:
         if rule.source is not None:
             value = source.get(rule.source)
@@ -240,10 +352,10 @@ def _evaluate(
             value = cm.render(rule.template, context)
         else:
             value = rule.value
-        if not _empty(value):
+        if rule.transforms and not (value is None or value == ""):
             for t in rule.transforms:
                 value = apply_transform(t, value)
-        if rule.map is not None and not _empty(value):
+        if rule.map is not None and not (value is None or value == ""):
             key = str(value)
             if key in rule.map:
                 value = rule.map[key]
@@ -255,17 +367,18 @@ def _evaluate(
                     f"value {key!r} is not in the value map",
                     f"add {key!r} to the map or give the field a default",
                 )
-        if _empty(value) and rule.default is not None:
-            value = rule.default
-        if _empty(value):
-            if rule.required:
-                what = f"deal field '{rule.source}'" if rule.source else "the result"
-                return None, MappingError(
-                    name,
-                    f"required, but {what} is empty",
-                    "fill it in the CRM, or give the field a default",
-                )
-            return None, None
+        if value is None or value == "":
+            if rule.default is not None:
+                value = rule.default
+            if value is None or value == "":
+                if rule.required:
+                    what = f"deal field '{rule.source}'" if rule.source else "the result"
+                    return None, MappingError(
+                        name,
+                        f"required, but {what} is empty",
+                        "fill it in the CRM, or give the field a default",
+                    )
+                return None, None
         if rule.type:
             value = COERCIONS[rule.type](value)
         return value, None
@@ -286,43 +399,45 @@ def _evaluate(
 def map_deal(cm: CompiledFieldMap, deal: Deal, today: date | None = None) -> ForwardResult:
     """Deal -> project spec (pure: no I/O). Every error for the record is collected."""
     today = today or datetime.now(UTC).date()
-    p = cm.spec.project
-    context = {**deal_context(deal), "today": today, "now": datetime.now(UTC)}
-    source = context["deal"]
+    plan = cm.plan()
+    source = _deal_view(deal, cm.reads_modified_at)
+    context = {"deal": source, "today": today}
+    if cm.uses_now:
+        context["now"] = datetime.now(UTC)
     errors: list[MappingError] = []
     synced: dict[str, Any] = {}
 
-    name, err = evaluate(cm, "project.name", p.name, context, source)
+    name, err = evaluate(cm, "project.name", plan.name, context, source)
     if err:
         errors.append(err)
     elif _empty(name):
         errors.append(MappingError("project.name", "is empty", "make it required or templated"))
 
-    def group(label: str, rules: dict[str, FieldRule]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, rule in rules.items():
-            value, e = evaluate(cm, f"project.{label}.{key}", rule, context, source)
+    fields: dict[str, Any] = {}
+    custom: dict[str, Any] = {}
+    for out, targets in ((fields, plan.fields), (custom, plan.custom_fields)):
+        for key, rule, field_name, synced_key, daily in targets:
+            if daily:
+                value, e = evaluate(cm, field_name, rule, context, source)
+            else:
+                value, e = _evaluate(cm, field_name, rule, context, source)
             if e:
                 errors.append(e)
                 continue
             if value is not None:
                 out[key] = value
-            if rule.sync:
-                synced[f"{label}.{key}"] = value
-        return out
-
-    fields = group("fields", p.fields)
-    custom = group("custom_fields", p.custom_fields)
+            if synced_key is not None:
+                synced[synced_key] = value
 
     start: date = today
-    if p.milestones_start is not None:
-        value, e = evaluate(cm, "project.milestones_start", p.milestones_start, context, source)
+    if plan.milestones_start is not None:
+        value, e = evaluate(cm, "project.milestones_start", plan.milestones_start, context, source)
         if e:
             errors.append(e)
         elif value is not None:
             start = COERCIONS["date"](value)
     milestones = []
-    for i, m in enumerate(p.milestones):
+    for i, m in enumerate(plan.milestones):
         try:
             mname = cm.render(m.name, context)
         except UndefinedError as exc:
@@ -335,10 +450,10 @@ def map_deal(cm: CompiledFieldMap, deal: Deal, today: date | None = None) -> For
         return ForwardResult(None, synced, errors)
     spec = ProjectSpec(
         name=str(name),
-        template=p.template,
+        template=plan.template,
         fields=fields,
         custom_fields=custom,
-        sections=list(p.sections),
+        sections=list(plan.sections),
         milestones=milestones,
     )
     return ForwardResult(spec, synced, [])
