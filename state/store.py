@@ -7,14 +7,18 @@ Claims (pending links) are committed on their own, before the project is created
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring_ascii as _json_str
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from sqlalchemy import (
     Engine,
+    Select,
     and_,
     bindparam,
     delete,
@@ -133,6 +137,28 @@ def _link(row: Any) -> Link:
     )
 
 
+# The links table's columns a Link carries, in the order of Link's fields.
+_LINK_FIELDS = (
+    "pipeline",
+    "deal_id",
+    "state",
+    "project_id",
+    "project_name",
+    "project_url",
+    "deal_status",
+    "forward_prints",
+    "back_prints",
+    "milestones",
+    "next_due_on",
+)
+assert tuple(f.name for f in fields(Link)) == _LINK_FIELDS
+
+
+def _link_from_values(v: Any) -> Link:
+    """From the values of the `_LINK_FIELDS` columns, as `_link` makes it from a row."""
+    return Link(*v[:7], dict(v[7] or {}), dict(v[8] or {}), dict(v[9] or {}), v[10])
+
+
 def _dead_letter(row: DeadLetterRow) -> DeadLetter:
     return DeadLetter(
         id=row.id or 0,
@@ -158,12 +184,29 @@ DLQ_BACKOFF = [
 ]
 
 
+def json_text(value: Any) -> str:
+    """`json.dumps(value)`, the same text; a dict of texts (a link's fingerprints: a page
+    writes one a row) at half the cost, without building a JSON encoder for each."""
+    if type(value) is dict:
+        try:
+            items = [f"{_json_str(k)}: {_json_str(v)}" for k, v in value.items()]
+        except TypeError:
+            pass  # a key or value that is not text: json.dumps converts or refuses it
+        else:
+            return "{" + ", ".join(items) + "}"
+    return json.dumps(value)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            json_serializer=json_text,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -179,15 +222,17 @@ def make_engine(url: str) -> Engine:
 
 @dataclass(frozen=True)
 class DriverStatement:
-    """A Core statement compiled once for one database and run with executemany straight on
-    the driver. SQLAlchemy's per-row parameter handling costs more than SQLite's own work
-    for a page of link updates (measured 29 vs 13 µs a row); here each row costs one tuple
-    and only the conversions its column types need (dates on SQLite, JSON)."""
+    """A Core statement compiled once for one database and run straight on the driver.
+    SQLAlchemy's per-row parameter handling costs more than SQLite's own work for a page of
+    link updates (measured 29 vs 13 µs a row); here each row costs one tuple and only the
+    conversions its column types need (dates on SQLite, JSON), both ways."""
 
     sql: str
     names: tuple[str, ...]  # bind names, in the driver's order
     positional: bool
     convert: tuple[tuple[str, Any], ...]  # (bind name, the type's bind processor)
+    # (column index, the type's result processor), for a SELECT read with `query`
+    results: tuple[tuple[int, Any], ...] = ()
 
     @classmethod
     def compile(cls, stmt: Any, dialect: Any) -> DriverStatement:
@@ -198,26 +243,75 @@ class DriverStatement:
             proc = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
             if proc is not None:
                 convert.append((name, proc))
-        return cls(compiled.string, names, bool(compiled.positional), tuple(convert))
+        results = []
+        if isinstance(stmt, Select):
+            for i, col in enumerate(stmt.selected_columns):
+                proc = col.type.dialect_impl(dialect).result_processor(dialect, None)
+                if proc is not None:
+                    results.append((i, proc))
+        return cls(
+            compiled.string, names, bool(compiled.positional), tuple(convert), tuple(results)
+        )
 
-    def execute_many(self, conn: Any, rows: list[dict[str, Any]]) -> None:
-        for name, proc in self.convert:
+    def query(self, conn: Any, params: dict[str, Any]) -> list[Any]:
+        """The rows of one execution of a SELECT, values converted as SQLAlchemy converts
+        them (SQLite's date texts, JSON texts)."""
+        rows = self.execute(conn, params).fetchall()
+        if not self.results:
+            return rows
+        out = []
+        for row in rows:
+            values = list(row)
+            for i, proc in self.results:
+                values[i] = proc(values[i])
+            out.append(values)
+        return out
+
+    def execute_many(
+        self,
+        conn: Any,
+        names: tuple[str, ...],
+        rows: list[tuple[Any, ...]],
+        shared: dict[str, Any] | None = None,
+    ) -> None:
+        """executemany of `rows`, each the values of the binds `names` in that order. The
+        binds in `shared` have one value for every row (a page's `now`): converted once, not
+        once a row, as a row's values are put in the driver's order by one C-level pick."""
+        procs = dict(self.convert)
+        fixed = {n: procs[n](v) if n in procs else v for n, v in (shared or {}).items()}
+        row_procs = [(i, procs[n]) for i, n in enumerate(names) if n in procs]
+        if row_procs:
+            converted: list[Any] = []
             for row in rows:
-                row[name] = proc(row[name])
-        if self.positional:
-            names = self.names
-            conn.exec_driver_sql(self.sql, [tuple(row[n] for n in names) for row in rows])
-        else:
-            conn.exec_driver_sql(self.sql, rows)
+                values = list(row)
+                for i, proc in row_procs:
+                    values[i] = proc(values[i])
+                converted.append(values)
+            rows = converted
+        if not self.positional:
+            named = [dict(zip(names, row, strict=True), **fixed) for row in rows]
+            conn.exec_driver_sql(self.sql, named)
+            return
+        tail = tuple(fixed.values())
+        where = {n: i for i, n in enumerate(names)}
+        where.update((n, len(names) + i) for i, n in enumerate(fixed))
+        pick = itemgetter(*(where[n] for n in self.names))
+        params = [pick((*row, *tail)) for row in rows]
+        if len(self.names) == 1:  # itemgetter of one index gives the value, not a tuple
+            params = [(p,) for p in params]
+        conn.exec_driver_sql(self.sql, params)
 
     def execute(self, conn: Any, params: dict[str, Any]) -> Any:
         """One execution; returns the driver's result (rows, for RETURNING)."""
         params = dict(params)
         for name, proc in self.convert:
             params[name] = proc(params[name])
-        if self.positional:
+        if not self.positional:
+            return conn.exec_driver_sql(self.sql, params)
+        if len(self.names) < 2:  # itemgetter takes one index or more, and gives no 1-tuple
             return conn.exec_driver_sql(self.sql, tuple(params[n] for n in self.names))
-        return conn.exec_driver_sql(self.sql, params)
+        # One C-level pick: a page's claims and look-ups have a bind per record.
+        return conn.exec_driver_sql(self.sql, itemgetter(*self.names)(params))
 
 
 class StateStore:
@@ -342,21 +436,18 @@ class StateStore:
     def seen_marks(
         self, pipeline: str, stream: str, record_ids: Sequence[str]
     ) -> dict[str, datetime]:
-        if not record_ids:
-            return {}
-        stmt = self._statements.get("seen_marks")
-        if stmt is None:
-            c = SeenRow.__table__.c
-            stmt = self._statements["seen_marks"] = select(c.record_id, c.modified_at).where(
+        c = SeenRow.__table__.c
+        rows = self._select_in(
+            "seen_marks",
+            lambda ids: select(c.record_id, c.modified_at).where(
                 c.pipeline == bindparam("pipeline"),
                 c.stream == bindparam("stream"),
-                c.record_id.in_(bindparam("ids", expanding=True)),
-            )
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                stmt, {"pipeline": pipeline, "stream": stream, "ids": list(record_ids)}
-            )
-            return {rid: as_utc(ts) for rid, ts in rows}  # type: ignore[misc]
+                c.record_id.in_(ids),
+            ),
+            {"pipeline": pipeline, "stream": stream},
+            list(record_ids),
+        )
+        return {rid: as_utc(ts) for rid, ts in rows}  # type: ignore[misc]
 
     def prune_seen(self, pipeline: str, stream: str, older_than: datetime) -> None:
         with Session(self.engine) as s, s.begin():
@@ -370,22 +461,42 @@ class StateStore:
 
     # -- links -------------------------------------------------------------------------------
     def links_for(self, pipeline: str, deal_ids: Iterable[str]) -> dict[str, Link]:
-        ids = list(deal_ids)
+        c = LinkRow.__table__.c
+        rows = self._select_in(
+            "links_for",
+            lambda ids: select(*(c[name] for name in _LINK_FIELDS)).where(
+                c.pipeline == bindparam("pipeline"), c.deal_id.in_(ids)
+            ),
+            {"pipeline": pipeline},
+            list(deal_ids),
+        )
+        return {r[1]: _link_from_values(r) for r in rows}
+
+    def _select_in(self, key: str, build: Any, params: dict[str, Any], ids: list[str]) -> list[Any]:
+        """The rows of `build(binds)`, a SELECT matching a column IN the binds, for `ids`
+        500 at a time: compiled once and run on the driver (SQLAlchemy's expanding IN, built
+        again for each page, cost twice the query). Each chunk is padded with its last id,
+        which matches nothing more, to a power of two up to 32, then to a multiple of 50 (a
+        CRM page is 100 records): 16 statements serve every page size."""
+        out: list[Any] = []
         if not ids:
-            return {}
-        stmt = self._statements.get("links_for")
-        if stmt is None:
-            c = LinkRow.__table__.c
-            stmt = self._statements["links_for"] = select(LinkRow.__table__).where(
-                c.pipeline == bindparam("pipeline"),
-                c.deal_id.in_(bindparam("ids", expanding=True)),
-            )
-        out: dict[str, Link] = {}
+            return out
         with self.engine.connect() as conn:
-            for chunk_start in range(0, len(ids), 500):
-                chunk = ids[chunk_start : chunk_start + 500]
-                rows = conn.execute(stmt, {"pipeline": pipeline, "ids": chunk})
-                out.update({r.deal_id: _link(r) for r in rows})
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                n = len(chunk)
+                size = 1 << (n - 1).bit_length() if n <= 32 else -(-n // 50) * 50
+                made = self._statements.get((key, size))
+                if made is None:
+                    names = tuple(f"id{i}" for i in range(size))
+                    stmt = build([bindparam(name) for name in names])
+                    made = (DriverStatement.compile(stmt, self.engine.dialect), names)
+                    self._statements[(key, size)] = made
+                stmt, names = made
+                chunk += [chunk[-1]] * (size - len(chunk))
+                values = dict(params)
+                values.update(zip(names, chunk, strict=True))
+                out += stmt.query(conn, values)
         return out
 
     def link(self, pipeline: str, deal_id: str) -> Link | None:
@@ -531,17 +642,13 @@ class StateStore:
                 ),
                 self.engine.dialect,
             )
-        now = utcnow()
-        params = [
-            {
-                "k_pipeline": link.pipeline,
-                "k_deal": link.deal_id,
-                "v_updated_at": now,
-                **{f"v_{col}": getattr(link, col) for col in columns},
-            }
-            for link in links
-        ]
-        stmt.execute_many(s.connection(), params)
+        values = attrgetter("pipeline", "deal_id", *columns)
+        stmt.execute_many(
+            s.connection(),
+            ("k_pipeline", "k_deal", *(f"v_{col}" for col in columns)),
+            [values(link) for link in links],
+            {"v_updated_at": utcnow()},
+        )
 
     def drop_claim(self, pipeline: str, deal_id: str) -> None:
         """Release a pending claim whose create was refused outright (nothing was created)."""
