@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,9 +44,50 @@ def read_start(store: StateStore, pipeline: str, stream: str, cursor: Cursor) ->
     return max(cursor.modified_at, read_from) if read_from else cursor.modified_at
 
 
+_RECENT_PRINTS: dict[str, str] = {}  # fingerprint text -> digest, bounded
+_json_str = json.encoder.encode_basestring_ascii
+
+
 def fingerprint(value: Any) -> str:
-    text = _FINGERPRINT_JSON.encode(value)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    # Stored fingerprints are compared with new ones: the text hashed must never change.
+    text = _fingerprint_text(value)
+    digest = _RECENT_PRINTS.get(text)
+    if digest is None:
+        digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+        if len(text) <= 64:  # short values repeat (a tier, a status); long ones rarely do
+            if len(_RECENT_PRINTS) >= 4096:
+                _RECENT_PRINTS.clear()
+            _RECENT_PRINTS[text] = digest
+    return digest
+
+
+def _fingerprint_text(value: Any) -> str:
+    """`_FINGERPRINT_JSON.encode(value)`, the same text, without the encoder's set-up for the
+    values a field map yields (exact types only: subclasses, containers and anything else
+    go through the encoder)."""
+    kind = type(value)
+    if kind is str:
+        return _json_str(value)  # as JSONEncoder.encode does for a str
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        # As the C encoder writes a float (allow_nan): repr, or JavaScript's names.
+        if value != value:
+            return "NaN"
+        if value == math.inf:
+            return "Infinity"
+        if value == -math.inf:
+            return "-Infinity"
+        return float.__repr__(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is date or kind is datetime:
+        return _json_str(str(value))  # not JSON: `default=str`, then encoded as a str
+    return _FINGERPRINT_JSON.encode(value)
 
 
 @dataclass
@@ -71,6 +114,14 @@ class PlannedAction:
     action: str  # create | adopt-or-create | update | unchanged | skip | unwon | park
     detail: str = ""
     calls: dict[str, int] = field(default_factory=dict)
+
+
+def _logs_debug(log: Any) -> bool:
+    """Whether `log.debug` writes anything. structlog's filtering loggers tell; below their
+    level a debug line is a call that does nothing, but its arguments cost a backfill a
+    few percent, so the engine's per-project debug lines are skipped there."""
+    is_enabled_for = getattr(log, "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(logging.DEBUG))
 
 
 class _DealLog:
@@ -136,6 +187,7 @@ class ForwardSync:
     _creates: list[_Create] | None = None  # the page's deferred creates (None: create now)
     _pool: ThreadPoolExecutor | None = None
     _claimed_now: set[str] = field(default_factory=set)  # claims this page took
+    _debug_logs: bool = True  # whether `log.debug` writes anything (see _logs_debug)
     # deal id -> project id, logged once per page: a line per project costs a backfill as
     # much CPU as the state writes (each is still a debug line, and in the links table).
     # record id -> version applied and committed this run, inside the overlap of the cursor
@@ -244,14 +296,21 @@ class ForwardSync:
         applied: list[tuple[str, datetime]] = []
         if self.parallel_creates > 1 and not self.dry_run:
             self._creates = []
+        self._debug_logs = _logs_debug(self.log)
+        # The newest (time, id) applied, compared as Cursor compares them, without making a
+        # Cursor for every deal of a backfill.
+        newest = None if high is None else (high.modified_at, high.record_id)
+        newest_deal = None
         for deal in page:
             self.counts.read += 1
             if marks.get(deal.id) == deal.modified_at:
                 continue  # this exact version was applied by an earlier read of the window
             self._apply(deal, links.get(deal.id), commit)
             applied.append((deal.id, deal.modified_at))
-            if high is None or deal.cursor > high:
-                high = deal.cursor
+            if newest is None or (deal.modified_at, deal.id) > newest:
+                newest, newest_deal = (deal.modified_at, deal.id), deal
+        if newest_deal is not None:
+            high = newest_deal.cursor
         if self._creates:
             self._run_creates(self._creates, commit)
         self._creates = None
@@ -350,7 +409,8 @@ class ForwardSync:
         if ref is not None:
             self.counts.adopted += 1
             self._page_log["adopted"][deal.id] = ref.id
-            log.debug("project.adopted", project_id=ref.id)
+            if self._debug_logs:
+                log.debug("project.adopted", project_id=ref.id)
         elif self._creates is not None:
             self._creates.append(_Create(deal, link, result, stamp, log))
             return
@@ -362,7 +422,8 @@ class ForwardSync:
     def _created(self, deal: Deal, ref: Any, log: Any) -> None:
         self.counts.created += 1
         self._page_log["created"][deal.id] = ref.id
-        log.debug("project.created", project_id=ref.id, project=ref.name)
+        if self._debug_logs:
+            log.debug("project.created", project_id=ref.id, project=ref.name)
 
     def _run_creates(self, creates: list[_Create], commit: PageCommit) -> None:
         """The page's creates, `parallel_creates` at a time; then, in page order, each is
