@@ -138,19 +138,7 @@ def _link(row: Any) -> Link:
 
 
 # The links table's columns a Link carries, in the order of Link's fields.
-_LINK_FIELDS = (
-    "pipeline",
-    "deal_id",
-    "state",
-    "project_id",
-    "project_name",
-    "project_url",
-    "deal_status",
-    "forward_prints",
-    "back_prints",
-    "milestones",
-    "next_due_on",
-)
+_LINK_FIELDS = ("pipeline", "deal_id", *FORWARD_LINK_COLUMNS, *BACK_LINK_COLUMNS)
 assert tuple(f.name for f in fields(Link)) == _LINK_FIELDS
 
 
