@@ -273,7 +273,8 @@ class JsonApi:
             if response.status_code >= 400:
                 retry_after = self.vendor.retry_after(response)
                 if response.status_code == 429 and retry_after:
-                    self.budget.pause(retry_after)
+                    # The same cap as the retry's own wait (`_WaitRetryAfter`).
+                    self.budget.pause(min(retry_after, self.policy.max_retry_after))
                 raise ConnectorError(
                     system,
                     kind_for_status(response.status_code),

@@ -125,7 +125,8 @@ class HubSpotCRM(CRM):
                 interval = headers.get("X-HubSpot-RateLimit-Interval-Milliseconds")
                 retry_after = int(interval) / 1000 if interval and interval.isdigit() else 1.0
             if status == 429:
-                self.budget.pause(retry_after or 1.0)
+                # Capped as every connector caps a vendor's wait (RetryPolicy.max_retry_after).
+                self.budget.pause(min(retry_after or 1.0, self.policy.max_retry_after))
             return ConnectorError(
                 self.name,
                 kind_for_status(status),

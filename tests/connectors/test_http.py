@@ -104,3 +104,13 @@ def test_server_clock_is_the_date_header_less_its_truncated_second():
     )
     assert server_clock(None) is None
     assert server_clock("yesterday-ish") is None
+
+
+def test_a_vendors_retry_after_holds_the_budget_no_longer_than_the_policys_cap():
+    import time
+
+    rl = httpx.Response(429, headers={"Retry-After": "30"}, json={"errors": [{"message": "x"}]})
+    client, _ = api(scripted(rl, httpx.Response(200, json={"data": 1})))
+    started = time.monotonic()
+    assert client.request("GET", "/x", route="GET /x") == {"data": 1}
+    assert client.budget._paused_until <= started + FAST.max_retry_after + 0.5

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from connectors.base import DealStatus, DealUpdate
+from connectors.errors import ConnectorError
 from connectors.http import RetryPolicy
 from connectors.hubspot import HubSpotAuth, HubSpotCRM, HubSpotSettings
 from sandbox.hubspot import ENTERPRISE_PIPELINE_ID, HubSpotState, create_app
@@ -147,3 +148,19 @@ def test_a_wrong_token_is_an_auth_error_not_retried(hubspot):
         crm.check()
     assert exc.value.kind is ErrorKind.AUTH
     assert crm.calls["pipelines.get_all"] == 1
+
+
+def test_a_429_without_retry_after_holds_the_budget_no_longer_than_the_policys_cap(hubspot):
+    """HubSpot's 429 may carry no Retry-After: its ten-second interval is waited out instead,
+    but never longer than the connection's `max_retry_after`, as every wait of a vendor's."""
+    import time
+
+    state, server = hubspot
+    state.seed(5, random.Random(2))
+    state.controls.set_faults(rate_429=1.0, retry_after=None)
+    crm = connector(server)
+    started = time.monotonic()
+    with pytest.raises(ConnectorError):
+        read_all(crm)
+    assert crm.budget._paused_until <= time.monotonic() + FAST.max_retry_after
+    assert time.monotonic() - started < 5
