@@ -503,7 +503,7 @@ class AsanaProjects(ProjectTool):
                 opt_fields=self._MILESTONE_FIELDS,
                 limit=PAGE,
             )
-            self._note_read_start()
+            self._note_read_clock(self.api.server_clock())
             page = []
             for t in tasks:
                 modified = _parse_dt(t["modified_at"])
@@ -546,13 +546,9 @@ class AsanaProjects(ProjectTool):
                 )
                 if t.get("resource_subtype") == "milestone"
             ]
-            self._note_read_start()
+            self._note_read_clock(self.api.server_clock())
             if page:
                 yield sorted(page, key=lambda m: (m.modified_at, m.id))
-
-    def _note_read_start(self) -> None:
-        if self.read_clock is None:
-            self.read_clock = self.api.server_clock()
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         # https://developers.asana.com/reference/createstatusforobject

@@ -126,14 +126,20 @@ class Connector(ABC):
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
+        # The system's own clock when the latest change read (`read_changed_deals`,
+        # `read_milestone_changes`) made its first request, from the response's `Date` header
+        # less a second (the header has whole seconds), or None when the system sent none. A
+        # read that went to its end has seen every change made before then that the system's
+        # search could see, so the engine's next read may begin an overlap before this time
+        # rather than before the newest record it saw: a quiet pipeline stops re-reading its
+        # own last writes. A change read sets it to None first, then calls `_note_read_clock`
+        # after each of its requests.
         self.read_clock: datetime | None = None
 
-    # `read_clock`: the system's own clock when the latest change read (`read_changed_deals`,
-    # `read_milestone_changes`) made its first request, from the response's `Date` header less
-    # a second (the header has whole seconds), or None when the system sent none. A read that
-    # went to its end has seen every change made before then that the system's search could
-    # see, so the engine's next read may begin an overlap before this time rather than before
-    # the newest record it saw: a quiet pipeline stops re-reading its own last writes.
+    def _note_read_clock(self, clock: datetime | None) -> None:
+        """Keep the clock of the change read's first response (later ones are ignored)."""
+        if self.read_clock is None:
+            self.read_clock = clock
 
     @property
     def api_calls(self) -> int:

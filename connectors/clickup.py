@@ -1091,8 +1091,7 @@ class ClickUpProjects(ProjectTool):
                 ).get("tasks")
                 or []
             )
-            if self.read_clock is None:
-                self.read_clock = self.api.server_clock()
+            self._note_read_clock(self.api.server_clock())
             fresh = [self._milestone(t) for t in tasks if str(t["id"]) not in seen]
             if fresh:
                 yield fresh

@@ -266,8 +266,7 @@ class HubSpotCRM(CRM):
             ),
             search=True,
         )
-        if self.read_clock is None:
-            self.read_clock = server_clock(headers.get("Date"))
+        self._note_read_clock(server_clock(headers.get("Date")))
         return data
 
     def read_changed_deals(

@@ -636,7 +636,7 @@ class SalesforceCRM(CRM):
         last: Deal | None = None
         self.read_clock = None
         page = self._query(soql([]))
-        self.read_clock = server_clock(getattr(self._dates, "value", None))
+        self._note_read_clock(server_clock(getattr(self._dates, "value", None)))
         while True:
             deals = [self._deal(r, fields) for r in page.get("records") or []]
             if deals:

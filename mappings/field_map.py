@@ -121,8 +121,7 @@ class CompiledFieldMap:
         return self._plan
 
     def _target(self, label: str, key: str, rule: FieldRule) -> _Target:
-        # As `evaluate` decides it: a template of `today` alone is worked out once a day.
-        daily = rule.template is not None and rule.source is None and rule.template in self.daily
+        daily = self.is_daily(rule)
         synced = f"{label}.{key}" if rule.sync else None
         return key, _Rule.of(rule), f"project.{label}.{key}", synced, daily
 
@@ -131,17 +130,25 @@ class CompiledFieldMap:
 
     def render(self, text: str, context: dict[str, Any]) -> str:
         if text in self.daily:
-            return self.once_a_day(text, context, lambda: self._render(text, context))
+            return self.once_a_day(text, context, self._render, text, context)
         return self._render(text, context)
 
-    def once_a_day(self, key: Any, context: dict[str, Any], compute: Callable[[], Any]) -> Any:
-        """`compute()` for `key`, cached for the context's `today`."""
+    def is_daily(self, rule: FieldRule | _Rule) -> bool:
+        """A rule whose value is a template of `today` alone (a due date 90 days out): the
+        same all day for every record, so worked out once a day."""
+        return rule.template is not None and rule.source is None and rule.template in self.daily
+
+    def once_a_day(
+        self, key: Any, context: dict[str, Any], compute: Callable[..., Any], *args: Any
+    ) -> Any:
+        """`compute(*args)` for `key`, cached for the context's `today` (the arguments, not a
+        closure: this is asked once for every record)."""
         full = (key, context.get("today"))
         cached = self._daily_cache.get(full)
         if cached is None:
             if len(self._daily_cache) > 256:  # a daemon running for months
                 self._daily_cache.clear()
-            cached = self._daily_cache[full] = compute()
+            cached = self._daily_cache[full] = compute(*args)
         return cached
 
     def _render(self, text: str, context: dict[str, Any]) -> str:
@@ -331,12 +338,8 @@ def evaluate(
     cm: CompiledFieldMap, name: str, rule: FieldRule | _Rule, context: dict[str, Any], source: dict
 ) -> tuple[Any, MappingError | None]:
     """One target field's value, or the reason it cannot be computed."""
-    if rule.template is not None and rule.source is None and rule.template in cm.daily:
-        # The same all day for every record (a due date 90 days out): computed once.
-        cached = cm._daily_cache.get((id(rule), context.get("today")))
-        if cached is not None:  # as once_a_day finds it, without a closure for every record
-            return cached
-        return cm.once_a_day(id(rule), context, lambda: _evaluate(cm, name, rule, context, source))
+    if cm.is_daily(rule):
+        return cm.once_a_day(id(rule), context, _evaluate, cm, name, rule, context, source)
     return _evaluate(cm, name, rule, context, source)
 
 

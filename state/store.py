@@ -122,19 +122,7 @@ class PageCommit:
 
 def _link(row: Any) -> Link:
     """From an ORM row or a Core row of the links table."""
-    return Link(
-        pipeline=row.pipeline,
-        deal_id=row.deal_id,
-        state=row.state,
-        project_id=row.project_id,
-        project_name=row.project_name,
-        project_url=row.project_url,
-        deal_status=row.deal_status,
-        forward_prints=dict(row.forward_prints or {}),
-        back_prints=dict(row.back_prints or {}),
-        milestones=dict(row.milestones or {}),
-        next_due_on=row.next_due_on,
-    )
+    return _link_from_values([getattr(row, name) for name in _LINK_FIELDS])
 
 
 # The links table's columns a Link carries, in the order of Link's fields.
@@ -337,9 +325,17 @@ class StateStore:
 
     # -- cursors ---------------------------------------------------------------------------
     def get_cursor(self, pipeline: str, stream: str) -> Cursor | None:
+        return self.read_position(pipeline, stream)[0]
+
+    def read_position(self, pipeline: str, stream: str) -> tuple[Cursor | None, datetime | None]:
+        """The stream's cursor, and where its last complete read began on the system's clock
+        (see `Connector.read_clock`), from one read of the row."""
         with Session(self.engine) as s:
             row = s.get(CursorRow, (pipeline, stream))
-            return Cursor(as_utc(row.modified_at), row.record_id) if row else None  # type: ignore[arg-type]
+            if row is None:
+                return None, None
+            cursor = Cursor(as_utc(row.modified_at), row.record_id)  # type: ignore[arg-type]
+            return cursor, as_utc(row.read_from)
 
     def set_cursor(self, pipeline: str, stream: str, cursor: Cursor | None) -> None:
         with Session(self.engine) as s, s.begin():
@@ -394,11 +390,7 @@ class StateStore:
         )
 
     def read_from(self, pipeline: str, stream: str) -> datetime | None:
-        """Where the stream's last complete read began, on the system's clock (see
-        `Connector.read_clock`), or None."""
-        with Session(self.engine) as s:
-            row = s.get(CursorRow, (pipeline, stream))
-            return as_utc(row.read_from) if row else None
+        return self.read_position(pipeline, stream)[1]
 
     def advance_read_from(self, pipeline: str, stream: str, when: datetime) -> None:
         """Record that a read beginning at `when` went to its end. Only moves forward, and

@@ -110,10 +110,8 @@ class BackSync:
     def run(self) -> Counts:
         if not self.field_map.spec.progress:
             return self.counts
-        cursor = self.store.get_cursor(self.pipeline, STREAM)
-        since = None
-        if cursor is not None:
-            since = read_start(self.store, self.pipeline, STREAM, cursor) - self.overlap
+        cursor, read_from = self.store.read_position(self.pipeline, STREAM)
+        since = read_start(cursor, read_from) - self.overlap if cursor else None
         high = cursor
         project_ids = [
             lk.project_id for lk in self.store.iter_links(self.pipeline) if lk.project_id

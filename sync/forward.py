@@ -35,12 +35,11 @@ PARTIAL = "__partial__"  # fingerprint key marking a project whose create was cu
 _FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, default=str)
 
 
-def read_start(store: StateStore, pipeline: str, stream: str, cursor: Cursor) -> datetime:
+def read_start(cursor: Cursor, read_from: datetime | None) -> datetime:
     """Where an incremental read begins, before the overlap: the cursor's record, or the
-    start of the last read that went to its end if that is later. Without the second, a
-    pipeline with nothing new re-reads the changes of its last overlap on every run (often
-    its own write-back) until something newer moves the cursor."""
-    read_from = store.read_from(pipeline, stream)
+    start of the last read that went to its end (`StateStore.read_position`) if that is
+    later. Without the second, a pipeline with nothing new re-reads the changes of its last
+    overlap on every run (often its own write-back) until something newer moves the cursor."""
     return max(cursor.modified_at, read_from) if read_from else cursor.modified_at
 
 
@@ -203,11 +202,11 @@ class ForwardSync:
     # -- the read loop ------------------------------------------------------------------------
     def run(self, since: datetime | None = None, until: datetime | None = None) -> Counts:
         """Read and apply every change since the cursor (or `since` for a backfill)."""
-        cursor = self.store.get_cursor(self.pipeline, self.stream)
+        cursor, read_from = self.store.read_position(self.pipeline, self.stream)
         incremental = since is None and until is None
         if since is None:
             if cursor is not None:
-                since = read_start(self.store, self.pipeline, self.stream, cursor) - self.overlap
+                since = read_start(cursor, read_from) - self.overlap
             elif self.start_from is not None:
                 since = datetime(
                     self.start_from.year, self.start_from.month, self.start_from.day, tzinfo=UTC
