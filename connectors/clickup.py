@@ -135,12 +135,20 @@ class ClickUpHttp:
         return self._until_reset(response)
 
     def observe(self, response: httpx.Response, budget: RateBudget) -> None:
-        # The last request of the minute: hold everyone until the reset instead of collecting
-        # 429s (a healthy run sees none, even when other clients share the token).
-        if response.status_code != 429 and response.headers.get("X-RateLimit-Remaining") == "0":
-            wait = self._until_reset(response)
-            if wait:
-                budget.pause(wait)
+        # Every answer (a 429's too) reports the token's fixed window: the budget spends what
+        # it says is left and waits for the reset, instead of pacing by its own sliding log
+        # (which would carry every stall of one minute into the next) or collecting 429s.
+        remaining = response.headers.get("X-RateLimit-Remaining")
+        reset = response.headers.get("X-RateLimit-Reset")
+        if remaining is None or reset is None:
+            return
+        try:
+            left, reset_at = int(remaining), float(reset)
+        except ValueError:
+            return
+        # A reset further off than one window is clock skew: let the documented rate pace.
+        if reset_at - time.time() <= self.max_wait:
+            budget.server_window(left, reset_at)
 
 
 class ClickUpProjects(ProjectTool):

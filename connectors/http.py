@@ -149,12 +149,40 @@ class SharedPause(Protocol):
     def remaining(self) -> float: ...
 
 
+class _ServerWindow:
+    """A vendor's fixed window as its headers report it: `left` more requests may go before
+    `reset_at` (a Unix time), counting requests still in flight as spent.
+
+    Why not the client's own log: a fixed window restarts whole at its reset, so a run that
+    stalls anywhere in one minute loses nothing in the next; a sliding log instead releases
+    each minute's requests at the pace the previous minute sent them, so every stall (a page
+    end, a slow call) is carried into every later minute.
+    """
+
+    def __init__(self) -> None:
+        self.reset_at = 0.0
+        self.left = 0
+
+    def live(self, now: float) -> bool:
+        return now < self.reset_at
+
+    def says(self, remaining: int, reset_at: float, others: int) -> None:
+        """A response said `remaining` at `reset_at` while `others` requests of ours were
+        in flight (each may yet be counted after it)."""
+        if reset_at > self.reset_at + 1:  # a later window (resets are whole seconds, rounded)
+            self.reset_at, self.left = reset_at, max(0, remaining - others)
+        elif reset_at >= self.reset_at - 1:  # the same window: trust the lowest count
+            self.left = min(self.left, max(0, remaining - others))
+        # else: an answer from a window already gone
+
+
 class RateBudget:
     """Client-side rate limiting for one connection: the vendor's documented windows,
     paused further whenever the vendor's headers say the budget is spent.
 
     In-process by default; `limiter` and `shared_pause` put the windows and the pause in a
-    store that several replicas share (see `connectors.shared_budget`).
+    store that several replicas share (see `connectors.shared_budget`). A vendor whose headers
+    report a fixed window (`server_window`) is paced by those instead while they are current.
     """
 
     def __init__(
@@ -172,6 +200,8 @@ class RateBudget:
         self._shared_pause = shared_pause
         self._paused_until = 0.0
         self._lock = threading.Lock()
+        self._server: _ServerWindow | None = None
+        self._in_flight = 0
 
     def acquire(self, key: str = "default") -> None:
         wait = self._paused_until - time.monotonic()
@@ -179,8 +209,35 @@ class RateBudget:
             wait = max(wait, self._shared_pause.remaining())
         if wait > 0:
             time.sleep(wait)
+        server = self._server
+        while server is not None:
+            with self._lock:
+                now = time.time()
+                if not server.live(now):
+                    break  # no current count (a new window opens): the documented rate paces
+                if server.left > 0:
+                    server.left -= 1
+                    self._in_flight += 1
+                    return
+                wait = server.reset_at - now
+            time.sleep(wait)
         if self._limiter is not None:
             self._limiter.try_acquire(key)
+        with self._lock:
+            self._in_flight += 1
+
+    def answered(self) -> None:
+        """A request this budget let through got its answer (or failed to)."""
+        with self._lock:
+            self._in_flight -= 1
+
+    def server_window(self, remaining: int, reset_at: float) -> None:
+        """The vendor reported its fixed window: `remaining` requests until `reset_at` (a Unix
+        time). Called before `answered` for the request that brought the report."""
+        with self._lock:
+            if self._server is None:
+                self._server = _ServerWindow()
+            self._server.says(remaining, reset_at, others=max(0, self._in_flight - 1))
 
     def pause(self, seconds: float) -> None:
         """Hold every caller of this budget back for `seconds` (the vendor said so)."""
@@ -267,9 +324,12 @@ class JsonApi:
             self.budget.acquire()
             with _COUNT_LOCK:  # the engine creates projects from several threads at once
                 self.calls[route] += 1
-            response = self.client.request(method, url, params=params, json=json)
-            self._dates.value = response.headers.get("date")
-            self.vendor.observe(response, self.budget)
+            try:
+                response = self.client.request(method, url, params=params, json=json)
+                self._dates.value = response.headers.get("date")
+                self.vendor.observe(response, self.budget)
+            finally:
+                self.budget.answered()
             if response.status_code >= 400:
                 retry_after = self.vendor.retry_after(response)
                 if response.status_code == 429 and retry_after:

@@ -453,13 +453,16 @@ def test_bad_token_is_auth_and_not_retried(env: Env, cu: ClickUpState) -> None:
     assert tool.calls["GET /team"] == 1
 
 
-def test_rate_headers_pause_the_budget() -> None:
+def test_rate_headers_hold_the_budget_until_the_reset() -> None:
     vendor = ClickUpHttp("clickup", max_wait=5.0)
     budget = RateBudget([])
     reset = str(int(time.time()) + 2)
+    budget.acquire()
     ok = httpx.Response(200, headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset})
     vendor.observe(ok, budget)
-    assert budget._paused_until > time.monotonic() + 0.5
+    budget.answered()
+    assert budget._server is not None and budget._server.left == 0
+    assert budget._server.reset_at == float(reset)
     limited = httpx.Response(
         429,
         headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset},

@@ -114,3 +114,103 @@ def test_a_vendors_retry_after_holds_the_budget_no_longer_than_the_policys_cap()
     started = time.monotonic()
     assert client.request("GET", "/x", route="GET /x") == {"data": 1}
     assert client.budget._paused_until <= started + FAST.max_retry_after + 0.5
+
+
+class FakeClock:
+    """time.time/monotonic/sleep for connectors.http: sleeping moves the clock."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+        self.slept: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    monotonic = time
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    import connectors.http as http
+
+    fake = FakeClock()
+    monkeypatch.setattr(http, "time", fake)
+    return fake
+
+
+def sent(budget: RateBudget, n: int) -> None:
+    for _ in range(n):
+        budget.acquire()
+        budget.answered()
+
+
+def test_a_reported_fixed_window_is_spent_then_waited_out_to_its_reset(clock: FakeClock):
+    budget = RateBudget([(100, 60.0)])
+    budget.acquire()
+    budget.server_window(remaining=3, reset_at=clock.now + 40)
+    budget.answered()
+    sent(budget, 3)
+    assert clock.slept == []  # what the vendor said was left went at once
+    sent(budget, 1)
+    assert clock.slept == [pytest.approx(40.0)]  # the fourth waited for the reset
+
+
+def test_a_stall_in_one_window_costs_nothing_in_the_next(clock: FakeClock):
+    # Sliding-log pacing would release the second minute's requests at the pace the first
+    # minute sent them (stall included); the vendor's fixed window gives them all at once.
+    budget = RateBudget([(10, 60.0)])
+    for i in range(10):
+        budget.acquire()
+        budget.server_window(remaining=9 - i, reset_at=1_000_060.0)
+        budget.answered()
+        if i == 4:
+            clock.sleep(30)  # a stall half way through the first minute
+    before = list(clock.slept)
+    budget.acquire()  # the eleventh: waits for the reset at t=60, no longer
+    assert clock.slept[len(before) :] == [pytest.approx(30.0)] and clock.now == 1_000_060.0
+    budget.server_window(remaining=9, reset_at=1_000_120.0)
+    budget.answered()
+    sent(budget, 9)
+    assert clock.now == 1_000_060.0  # the whole new window at once: nothing carried over
+
+
+def test_requests_in_flight_count_against_what_the_window_says_is_left(clock: FakeClock):
+    budget = RateBudget([])
+    for _ in range(3):
+        budget.acquire()  # three sent, none answered yet
+    budget.server_window(remaining=5, reset_at=clock.now + 30)  # the first answer
+    budget.answered()
+    # The two still in flight may be counted after that answer: 3 more may go, not 5.
+    sent(budget, 3)
+    assert clock.slept == []
+    sent(budget, 1)
+    assert clock.slept == [pytest.approx(30.0)]
+
+
+def test_a_late_answer_from_a_past_window_does_not_reopen_the_budget(clock: FakeClock):
+    budget = RateBudget([])
+    budget.acquire()
+    budget.server_window(remaining=0, reset_at=clock.now + 20)
+    budget.answered()
+    budget.acquire()
+    budget.server_window(remaining=4999, reset_at=clock.now - 40)  # an old window's answer
+    budget.answered()
+    assert clock.slept == [pytest.approx(20.0)]
+    budget.acquire()  # the first of the next window: allowed, no count yet
+    assert clock.slept == [pytest.approx(20.0)]
+
+
+def test_without_a_current_report_the_documented_rate_paces(clock: FakeClock):
+    budget = RateBudget([(2, 60.0)])
+    budget.acquire()
+    budget.server_window(remaining=100, reset_at=clock.now + 10)
+    budget.answered()
+    clock.now += 11  # that window is over and nothing reported the next
+    calls = []
+    budget._limiter = type("L", (), {"try_acquire": lambda self, k: calls.append(k)})()
+    sent(budget, 2)
+    assert calls == ["default", "default"]
