@@ -258,6 +258,7 @@ def backfill(crm: str, tool: str, won: int, limits: bool) -> dict[str, Any]:
         "emulator_requests": {s: stats[s]["total"] for s in (crm, tool)},
         "routes": {s: stats[s]["by_route"] for s in (crm, tool)},
         "throttled": {s: stats[s]["throttled"] for s in (crm, tool)},
+        "per_second": {s: stats[s]["per_second"] for s in (crm, tool)},
         "wall_s": run["wall_s"],
         "child_cpu_s": run["child_cpu_s"],
         "peak_rss_mib": run["peak_rss_mib"],

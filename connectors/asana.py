@@ -74,6 +74,14 @@ class AsanaHttp:
         return None  # Asana sends no remaining-quota headers; only Retry-After on 429
 
 
+# Asana's minute slides over the times requests *arrive*; the budget stamps them when sent.
+# A request that travels faster than its twin of a minute before would arrive inside that
+# minute and be refused, and a refusal is dear here: "Requests rejected by this limiter still
+# count against the quotas" (https://developers.asana.com/docs/rate-limits), and its
+# Retry-After (whole seconds) holds every thread. Half a second is 0.8% of the pace.
+ARRIVAL_MARGIN_SECONDS = 0.5
+
+
 class AsanaProjects(ProjectTool):
     kind = "asana"
 
@@ -102,7 +110,9 @@ class AsanaProjects(ProjectTool):
             AsanaHttp(name),
             client,
             settings.retry,
-            (budgets or local_budget)("requests", [(settings.requests_per_minute, 60.0)]),
+            (budgets or local_budget)(
+                "requests", [(settings.requests_per_minute, 60.0 + ARRIVAL_MARGIN_SECONDS)]
+            ),
             self.calls,
         )
         self._workspace: str | None = None
