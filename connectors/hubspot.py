@@ -275,7 +275,7 @@ class HubSpotCRM(CRM):
         # The raw body (`_preload_content=False`; errors still raise ApiException): the SDK's
         # models would parse three timestamps per deal with dateutil, ~0.1 s a page of 200 on
         # the thread that reads between pages, for values we do not use.
-        raw = self._call(
+        body = self._raw_json(
             "deals.search",
             lambda: self.client.crm.deals.search_api.do_search(
                 public_object_search_request=request,
@@ -284,12 +284,19 @@ class HubSpotCRM(CRM):
             ),
             search=True,
         )
-        self._note_read_clock(server_clock(raw.headers.get("Date")))
+        return _SearchPage(body)
+
+    def _raw_json(self, what: str, fn: Callable[[], Any], search: bool = False) -> dict:
+        """`_call` of an SDK method given `_preload_content=False`: the decoded JSON body
+        (errors still raise ApiException), and for a search the read clock from its Date."""
+        raw = self._call(what, fn, search=search)
         try:
-            return _SearchPage(json.loads(raw.data))
+            if search:
+                self._note_read_clock(server_clock(raw.headers.get("Date")))
+            return json.loads(raw.data) if raw.data else {}
         except ValueError as exc:
             raise ConnectorError(
-                self.name, ErrorKind.TRANSIENT, "deals.search: response was not JSON"
+                self.name, ErrorKind.TRANSIENT, f"{what}: response was not JSON"
             ) from exc
         finally:
             raw.release_conn()  # back to the pool (the body is read)
@@ -388,13 +395,16 @@ class HubSpotCRM(CRM):
                 ]
             )
             try:
-                resp = self._call(
+                # Raw body, as for search: the SDK would parse every updated deal's timestamps
+                # for an answer of which we read only `errors`.
+                errors = self._raw_json(
                     "deals.batch.update",
                     lambda body=body: self.client.crm.deals.batch_api.update(
                         batch_input_simple_public_object_batch_input=body,
                         _request_timeout=self.policy.timeout,
+                        _preload_content=False,
                     ),
-                )
+                ).get("errors")
             except ConnectorError as exc:
                 if exc.kind is not ErrorKind.RECORD or len(chunk) == 1:
                     if exc.kind is ErrorKind.RECORD:
@@ -407,10 +417,10 @@ class HubSpotCRM(CRM):
                 outcomes += self.write_deal_fields(chunk[half:])
                 continue
             failed: dict[str, str] = {}
-            for err in getattr(resp, "errors", None) or []:
-                ids = [str(x) for x in (err.context or {}).get("ids", [])]
+            for err in errors or []:
+                ids = [str(x) for x in (err.get("context") or {}).get("ids", [])]
                 for deal_id in ids:
-                    failed[deal_id] = redact(err.message)
+                    failed[deal_id] = redact(str(err.get("message", "refused")))
             for u in chunk:
                 if u.deal_id in failed:
                     outcomes.append(WriteOutcome(u.deal_id, False, failed[u.deal_id]))
