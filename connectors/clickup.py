@@ -144,8 +144,11 @@ class ClickUpHttp:
             return
         try:
             left, reset_at = int(remaining), float(reset)
+            limit = int(response.headers.get("X-RateLimit-Limit") or left + 1)
         except ValueError:
             return
+        if left >= limit:
+            return  # this request was not counted (no limit applied): nothing to pace by
         # A reset further off than one window is clock skew: let the documented rate pace.
         if reset_at - time.time() <= self.max_wait:
             budget.server_window(left, reset_at)

@@ -421,6 +421,14 @@ def test_rate_limit_window_is_waited_out_not_hammered(
     assert time.monotonic() - start < 15
 
 
+def test_with_limits_off_the_headers_hold_nothing_back(env: Env, cu: ClickUpState) -> None:
+    # The emulator still sends the plan's headers, but the request was not counted:
+    # following them would pace a limits-off run at the plan's rate.
+    tool = connector(env, retry=FAST.model_copy(update={"max_retry_after": 120.0}))
+    tool.create_project(plain_spec(f"Unlimited {random.random()}"), stamp())
+    assert tool.api_calls > 1 and tool.api.budget._server is None
+
+
 def test_429s_are_retried_until_the_reset(env: Env, cu: ClickUpState) -> None:
     _, controls, _ = env
     controls.set_faults(rate_429=0.3, retry_after=0.1, seed=5)
@@ -463,6 +471,11 @@ def test_rate_headers_hold_the_budget_until_the_reset() -> None:
     budget.answered()
     assert budget._server is not None and budget._server.left == 0
     assert budget._server.reset_at == float(reset)
+    # A window that did not count the request (limits not applied) says nothing to pace by.
+    free = RateBudget([])
+    uncounted = {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "100"}
+    vendor.observe(httpx.Response(200, headers={**uncounted, "X-RateLimit-Reset": reset}), free)
+    assert free._server is None
     limited = httpx.Response(
         429,
         headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset},
