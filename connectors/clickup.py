@@ -119,13 +119,16 @@ class ClickUpHttp:
         code = body.get("ECODE")
         return f"{body['err']} ({code})" if code else str(body["err"])
 
-    def _until_reset(self, response: httpx.Response) -> float | None:
-        raw = response.headers.get("X-RateLimit-Reset")
-        if not raw:
-            return None
+    @staticmethod
+    def _header_number(response: httpx.Response, name: str) -> float | None:
         try:
-            reset = float(raw)
-        except ValueError:
+            return float(response.headers[name])
+        except (KeyError, ValueError):
+            return None
+
+    def _until_reset(self, response: httpx.Response) -> float | None:
+        reset = self._header_number(response, "X-RateLimit-Reset")
+        if reset is None:
             return None
         return min(max(0.0, reset - time.time()), self.max_wait)
 
@@ -138,20 +141,16 @@ class ClickUpHttp:
         # Every answer (a 429's too) reports the token's fixed window: the budget spends what
         # it says is left and waits for the reset, instead of pacing by its own sliding log
         # (which would carry every stall of one minute into the next) or collecting 429s.
-        remaining = response.headers.get("X-RateLimit-Remaining")
-        reset = response.headers.get("X-RateLimit-Reset")
-        if remaining is None or reset is None:
+        left = self._header_number(response, "X-RateLimit-Remaining")
+        reset_at = self._header_number(response, "X-RateLimit-Reset")
+        if left is None or reset_at is None:
             return
-        try:
-            left, reset_at = int(remaining), float(reset)
-            limit = int(response.headers.get("X-RateLimit-Limit") or left + 1)
-        except ValueError:
-            return
-        if left >= limit:
+        limit = self._header_number(response, "X-RateLimit-Limit")
+        if limit is not None and left >= limit:
             return  # this request was not counted (no limit applied): nothing to pace by
         # A reset further off than one window is clock skew: let the documented rate pace.
         if reset_at - time.time() <= self.max_wait:
-            budget.server_window(left, reset_at)
+            budget.server_window(int(left), reset_at)
 
 
 class ClickUpProjects(ProjectTool):

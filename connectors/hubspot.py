@@ -238,20 +238,15 @@ class HubSpotCRM(CRM):
             self._stage_status = out
         return self._stage_status
 
-    def _deal(self, obj: Any) -> Deal:
-        """A deal from the SDK's model or from the raw JSON of a search result."""
-        if isinstance(obj, dict):
-            oid, props = obj["id"], dict(obj.get("properties") or {})
-            archived, updated = obj.get("archived", False), obj.get("updatedAt")
-        else:
-            oid, props = obj.id, dict(obj.properties or {})
-            archived, updated = getattr(obj, "archived", False), obj.updated_at
+    def _deal(self, obj: dict[str, Any]) -> Deal:
+        """A deal from a raw search or batch-read result."""
+        oid, props = obj["id"], dict(obj.get("properties") or {})
         status = self.stage_statuses().get(
             (props.get("pipeline") or "default", props.get("dealstage") or ""), DealStatus.OPEN
         )
-        if archived:
+        if obj.get("archived", False):
             status = DealStatus.DELETED
-        modified = props.get(MODIFIED) or updated
+        modified = props.get(MODIFIED) or obj.get("updatedAt")
         portal = self.settings.portal_url.rstrip("/")
         return Deal(
             id=str(oid),
@@ -272,9 +267,6 @@ class HubSpotCRM(CRM):
             limit=SEARCH_LIMIT,
         )
         # https://developers.hubspot.com/docs/api/crm/search
-        # The raw body (`_preload_content=False`; errors still raise ApiException): the SDK's
-        # models would parse three timestamps per deal with dateutil, ~0.1 s a page of 200 on
-        # the thread that reads between pages, for values we do not use.
         body = self._raw_json(
             "deals.search",
             lambda: self.client.crm.deals.search_api.do_search(
@@ -288,7 +280,9 @@ class HubSpotCRM(CRM):
 
     def _raw_json(self, what: str, fn: Callable[[], Any], search: bool = False) -> dict:
         """`_call` of an SDK method given `_preload_content=False`: the decoded JSON body
-        (errors still raise ApiException), and for a search the read clock from its Date."""
+        (errors still raise ApiException), and for a search the read clock from its Date.
+        Deals are read and written raw: the SDK's models would parse every deal's timestamps
+        with dateutil (~0.1 s a page of 200) for values we do not use."""
         raw = self._call(what, fn, search=search)
         try:
             if search:
@@ -370,15 +364,16 @@ class HubSpotCRM(CRM):
             body = BatchReadInputSimplePublicObjectId(
                 inputs=[{"id": d} for d in chunk], properties=props, properties_with_history=[]
             )
-            resp = self._call(
+            resp = self._raw_json(
                 "deals.batch.read",
                 lambda body=body: self.client.crm.deals.batch_api.read(
                     batch_read_input_simple_public_object_id=body,
                     archived=False,
                     _request_timeout=self.policy.timeout,
+                    _preload_content=False,
                 ),
             )
-            out.extend(self._deal(o) for o in resp.results)
+            out.extend(self._deal(o) for o in resp.get("results") or [])
         return out
 
     # -- writes ---------------------------------------------------------------------------------
@@ -395,8 +390,6 @@ class HubSpotCRM(CRM):
                 ]
             )
             try:
-                # Raw body, as for search: the SDK would parse every updated deal's timestamps
-                # for an answer of which we read only `errors`.
                 errors = self._raw_json(
                     "deals.batch.update",
                     lambda body=body: self.client.crm.deals.batch_api.update(

@@ -389,9 +389,6 @@ class StateStore:
             },
         )
 
-    def read_from(self, pipeline: str, stream: str) -> datetime | None:
-        return self.read_position(pipeline, stream)[1]
-
     def advance_read_from(self, pipeline: str, stream: str, when: datetime) -> None:
         """Record that a read beginning at `when` went to its end. Only moves forward, and
         only on a stream that has a cursor (a read that found nothing yet leaves none)."""

@@ -164,3 +164,20 @@ def test_a_429_without_retry_after_holds_the_budget_no_longer_than_the_policys_c
         read_all(crm)
     assert crm.budget._paused_until <= time.monotonic() + FAST.max_retry_after
     assert time.monotonic() - started < 5
+
+
+def test_get_deals_reads_them_in_batches_with_status_and_skips_the_missing(hubspot):
+    state, server = hubspot
+    ids = state.seed(150, random.Random(9))
+    state.archive_deal(ids[7])
+    crm = connector(server)
+    wanted = [*ids[:120], "999999999"]  # more than one batch of 100, one unknown id
+    got = {d.id: d for d in crm.get_deals(wanted, ["dealname", "amount"])}
+    assert set(got) == set(ids[:120]) - {ids[7]}  # archived: not read (archived=false)
+    assert crm.calls["deals.batch.read"] == 2
+    for deal_id, deal in got.items():
+        view = state.deal(deal_id)
+        assert deal.properties["dealname"] == view["properties"]["dealname"]
+        assert deal.modified_at.tzinfo is not None
+        assert deal.status in (DealStatus.WON, DealStatus.LOST, DealStatus.OPEN)
+    assert any(d.status is DealStatus.WON for d in got.values())

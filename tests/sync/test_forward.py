@@ -234,7 +234,7 @@ def test_a_quiet_pipeline_stops_re_reading_its_overlap(write_map, store):
     crm, tool, fmap = seeded(), MemoryProjects(), write_map()
     crm.clock = lambda: clock[0]
     assert engine(crm, tool, fmap, store).run().read == 10
-    assert store.read_from("p1", "deals") == T0 + timedelta(hours=1)
+    assert store.read_position("p1", "deals")[1] == T0 + timedelta(hours=1)
 
     clock[0] += timedelta(minutes=30)
     assert engine(crm, tool, fmap, store).run().read == 0  # the cursor's overlap: 10
@@ -252,12 +252,12 @@ def test_only_a_complete_incremental_read_moves_where_reads_begin(write_map, sto
     crm.clock = lambda: clock[0]
     engine(_Limited(crm, 3), tool, fmap, store).run()  # `--limit 3`: the rest is unread
     assert store.get_cursor("p1", "deals") is not None
-    assert store.read_from("p1", "deals") is None
+    assert store.read_position("p1", "deals")[1] is None
     assert engine(crm, tool, fmap, store).run(since=T0).created == 2  # a backfill
-    assert store.read_from("p1", "deals") is None
+    assert store.read_position("p1", "deals")[1] is None
     assert engine(crm, tool, fmap, store).run().created == 0
-    assert store.read_from("p1", "deals") == clock[0]
+    assert store.read_position("p1", "deals")[1] == clock[0]
 
     store.set_cursor("p1", "deals", Cursor(T0, "0"))  # an operator rewinds the cursor
-    assert store.read_from("p1", "deals") is None
+    assert store.read_position("p1", "deals")[1] is None
     assert engine(crm, tool, fmap, store).run().read == 10
