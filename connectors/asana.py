@@ -8,6 +8,7 @@ when adopting (a pending claim, or a lost state store), never on the normal crea
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -80,6 +81,10 @@ class AsanaHttp:
 # count against the quotas" (https://developers.asana.com/docs/rate-limits), and its
 # Retry-After (whole seconds) holds every thread. Half a second is 0.8% of the pace.
 ARRIVAL_MARGIN_SECONDS = 0.5
+# https://developers.asana.com/docs/rate-limits: "the duplication endpoints are limited to 5
+# concurrent jobs" per token. A sixth is refused with a 429 whose Retry-After (whole seconds)
+# idles that create for a second or more, so creates on several threads queue for a slot.
+CONCURRENT_JOBS = 5
 
 
 class AsanaProjects(ProjectTool):
@@ -125,6 +130,7 @@ class AsanaProjects(ProjectTool):
         self._template_fields: dict[str, set[str]] = {}
         self._search_works: bool | None = None
         self._unstamped: dict[str, ProjectRef] = {}
+        self._job_slots = threading.BoundedSemaphore(CONCURRENT_JOBS)
 
     def close(self) -> None:
         self.api.client.close()
@@ -320,6 +326,10 @@ class AsanaProjects(ProjectTool):
         )["data"]
 
     def _instantiate(self, template: str, spec: ProjectSpec) -> str:
+        with self._job_slots:  # held until the job is seen to end: it runs until then
+            return self._run_job(template, spec)
+
+    def _run_job(self, template: str, spec: ProjectSpec) -> str:
         # https://developers.asana.com/reference/instantiateproject - returns a job.
         job = self.api.request(
             "POST",
@@ -471,15 +481,19 @@ class AsanaProjects(ProjectTool):
     )
 
     def read_milestone_changes(
-        self, since: datetime | None, project_ids: Sequence[str]
+        self,
+        since: datetime | None,
+        project_ids: Sequence[str],
+        settled_before: datetime | None = None,
     ) -> Iterator[list[Milestone]]:
         self.read_clock = None
         wanted = set(project_ids)
         if not wanted:
             return
+        until = settled_before
         if self.settings.milestone_search and self._search_works is not False:
             try:
-                yield from self._search_milestones(since, wanted)
+                yield from self._search_milestones(since, wanted, until)
                 self._search_works = True
                 return
             except ConnectorError as exc:
@@ -487,10 +501,11 @@ class AsanaProjects(ProjectTool):
                     raise
                 # Search needs a paid workspace: read each linked project instead.
                 self._search_works = False
-        yield from self._project_milestones(since, sorted(wanted))
+        if until is None:
+            yield from self._project_milestones(since, sorted(wanted))
 
     def _search_milestones(
-        self, since: datetime | None, wanted: set[str]
+        self, since: datetime | None, wanted: set[str], until: datetime | None = None
     ) -> Iterator[list[Milestone]]:
         """Workspace-wide task search: reads cost what changed, not what exists.
 
@@ -502,12 +517,14 @@ class AsanaProjects(ProjectTool):
         # `modified_at.after` is exclusive: step back a millisecond to keep ties at `since`.
         after = anchor - timedelta(milliseconds=1)
         seen_at_anchor: set[str] = set()
+        bounds = {} if until is None else {"modified_at.before": _instant(until)}
         while True:
             tasks = self._get(
                 f"/workspaces/{self.workspace_gid}/tasks/search",
                 "GET /workspaces/{gid}/tasks/search",
                 resource_subtype="milestone",
-                **{"modified_at.after": after.isoformat().replace("+00:00", "Z")},
+                **{"modified_at.after": _instant(after)},
+                **bounds,
                 sort_by="modified_at",
                 sort_ascending="true",
                 opt_fields=self._MILESTONE_FIELDS,
@@ -521,6 +538,10 @@ class AsanaProjects(ProjectTool):
                 if key in seen_at_anchor:
                     continue
                 seen_at_anchor.add(key)
+                if until is not None and modified >= until:
+                    # Matched on the index's older version, returned as it is now: the
+                    # next read (which starts at `until`) has it.
+                    continue
                 homes = [p["gid"] for p in t.get("projects") or []]
                 linked = [gid for gid in homes if gid in wanted]
                 # A milestone of an unlinked project is passed on too (the engine ignores it):
@@ -535,7 +556,10 @@ class AsanaProjects(ProjectTool):
             if last - timedelta(milliseconds=1) <= after:
                 # A full page sharing one timestamp: the anchor cannot move. Read the
                 # linked projects directly rather than loop.
-                yield from self._project_milestones(last, sorted(wanted))
+                for page in self._project_milestones(last, sorted(wanted)):
+                    kept = [m for m in page if until is None or m.modified_at < until]
+                    if kept:
+                        yield kept
                 after = last
                 continue
             after = last - timedelta(milliseconds=1)
@@ -547,7 +571,7 @@ class AsanaProjects(ProjectTool):
         """One paged read per linked project (the fallback without search)."""
         params: dict[str, Any] = {"opt_fields": self._MILESTONE_FIELDS}
         if since is not None:
-            params["modified_since"] = since.isoformat().replace("+00:00", "Z")
+            params["modified_since"] = _instant(since)
         for gid in project_ids:
             page = [
                 _milestone(t, gid, _parse_dt(t["modified_at"]))
@@ -559,6 +583,9 @@ class AsanaProjects(ProjectTool):
             self._note_read_clock(self.api.server_clock())
             if page:
                 yield sorted(page, key=lambda m: (m.modified_at, m.id))
+
+    def server_now(self) -> datetime | None:
+        return self.api.server_now()
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         # https://developers.asana.com/reference/createstatusforobject
@@ -601,6 +628,10 @@ class AsanaProjects(ProjectTool):
         me = self._get("/users/me", "GET /users/me", opt_fields="name")
         self._field(self.settings.stamp_field)
         return f"Asana as {me.get('name', me['gid'])}: team {self.team_gid}"
+
+
+def _instant(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
 
 
 def _parse_dt(text: str) -> datetime:

@@ -310,6 +310,13 @@ class EmulatorMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if message.get("status") == 429:
+                    # A limit the endpoint enforces itself (Asana's concurrent jobs): a
+                    # refusal like the windows', so counted with them.
+                    with c.lock:
+                        c.stats.throttled += 1
+                        c.stats.by_route[route] -= 1
+                        c.stats.by_route[f"429 {route}"] += 1
                 raw = list(message.get("headers", []))
                 raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
                 message = {**message, "headers": raw}
