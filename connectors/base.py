@@ -209,13 +209,27 @@ class ProjectTool(Connector):
 
     @abstractmethod
     def read_milestone_changes(
-        self, since: datetime | None, project_ids: Sequence[str]
+        self,
+        since: datetime | None,
+        project_ids: Sequence[str],
+        settled_before: datetime | None = None,
     ) -> Iterator[list[Milestone]]:
         """Pages of milestones modified at or after `since`, oldest first.
 
         `project_ids` are the linked projects; a tool that can read changes workspace-wide
         does so (reads in proportion to what changed) and the engine ignores the rest.
+
+        With `settled_before` (on the tool's clock, see `server_now`), a *settled read*: only
+        changes made before then, a time the engine chose old enough that nothing changed
+        before it can still appear later. A tool without a workspace-wide change feed yields
+        nothing for a settled read (a read per linked project would cost more than waiting
+        for the run's last read).
         """
+
+    def server_now(self) -> datetime | None:
+        """The tool's own clock now, estimated from its latest answer (never ahead of it);
+        None before the first answer that carried one."""
+        return None
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         raise NotImplementedError(f"{self.kind} cannot comment on projects yet")

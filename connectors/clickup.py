@@ -1065,7 +1065,10 @@ class ClickUpProjects(ProjectTool):
 
     # -- milestones -------------------------------------------------------------------------------
     def read_milestone_changes(
-        self, since: datetime | None, project_ids: Sequence[str]
+        self,
+        since: datetime | None,
+        project_ids: Sequence[str],
+        settled_before: datetime | None = None,
     ) -> Iterator[list[Milestone]]:
         """Milestones changed at or after `since`, workspace-wide, oldest first.
 
@@ -1087,6 +1090,9 @@ class ClickUpProjects(ProjectTool):
             ("order_by", "updated"),
             ("reverse", "true"),
         ]
+        until = settled_before
+        if until is not None:
+            base.append(("date_updated_lt", math.ceil(until.timestamp() * 1000)))
         gt: int | None = None if since is None else math.floor(since.timestamp() * 1000) - 1
         page = 0
         seen: set[str] = set()
@@ -1103,6 +1109,8 @@ class ClickUpProjects(ProjectTool):
             )
             self._note_read_clock(self.api.server_clock())
             fresh = [self._milestone(t) for t in tasks if str(t["id"]) not in seen]
+            if until is not None:
+                fresh = [m for m in fresh if m.modified_at < until]
             if fresh:
                 yield fresh
             if len(tasks) < PAGE:
@@ -1130,6 +1138,9 @@ class ClickUpProjects(ProjectTool):
         )
 
     # -- unwon ------------------------------------------------------------------------------------
+    def server_now(self) -> datetime | None:
+        return self.api.server_now()
+
     def comment_on_project(self, project_id: str, text: str) -> None:
         def already() -> dict[str, Any] | None:
             # https://developer.clickup.com/reference/getlistcomments (newest first)

@@ -305,10 +305,31 @@ class JsonApi:
     calls: Counter
     # Per thread: a change read on one thread must not see the clock of a create on another.
     _dates: threading.local = field(default_factory=threading.local, repr=False)
+    # The newest `Date` any thread received, and the monotonic time it arrived.
+    _newest_date: tuple[datetime, float] | None = field(default=None, repr=False)
 
     def server_clock(self) -> datetime | None:
         """`server_clock` of the last response this thread received."""
         return server_clock(getattr(self._dates, "value", None))
+
+    def server_now(self) -> datetime | None:
+        """The system's clock now, without a request: the newest `server_clock` any thread
+        saw, plus the time since it arrived (never later than the system's real clock). None
+        before the first response with a `Date`."""
+        newest = self._newest_date
+        if newest is None:
+            return None
+        return newest[0] + timedelta(seconds=time.monotonic() - newest[1])
+
+    def _saw_date(self, header: str | None) -> None:
+        self._dates.value = header
+        clock = server_clock(header)
+        if clock is not None:
+            arrived = time.monotonic()
+            newest = self._newest_date
+            # The estimate each implies for now: keep the later (a slow response's Date is old).
+            if newest is None or clock - newest[0] > timedelta(seconds=arrived - newest[1]):
+                self._newest_date = (clock, arrived)
 
     def request(
         self,
@@ -336,7 +357,7 @@ class JsonApi:
                 self.calls[route] += 1
             try:
                 response = self.client.request(method, url, params=params, json=json)
-                self._dates.value = response.headers.get("date")
+                self._saw_date(response.headers.get("date"))
                 self.vendor.observe(response, self.budget)
             finally:
                 self.budget.answered()

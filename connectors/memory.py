@@ -187,16 +187,28 @@ class MemoryProjects(ProjectTool):
         m.completed, m.completed_at, m.modified_at = done, (when if done else None), when
 
     def read_milestone_changes(
-        self, since: datetime | None, project_ids: Sequence[str]
+        self,
+        since: datetime | None,
+        project_ids: Sequence[str],
+        settled_before: datetime | None = None,
     ) -> Iterator[list[Milestone]]:
+        until = settled_before
         chosen = sorted(
-            (m for m in self.milestones.values() if since is None or m.modified_at >= since),
+            (
+                m
+                for m in list(self.milestones.values())
+                if (since is None or m.modified_at >= since)
+                and (until is None or m.modified_at < until)
+            ),
             key=lambda m: (m.modified_at, m.id),
         )
         for i in range(0, max(len(chosen), 1), self.page_size):
             self._op("milestones")
             if chosen[i : i + self.page_size]:
                 yield [copy.copy(m) for m in chosen[i : i + self.page_size]]
+
+    def server_now(self) -> datetime | None:
+        return datetime.now(UTC)  # the clock milestones are stamped with
 
     def comment_on_project(self, project_id: str, text: str) -> None:
         self._op("comment")

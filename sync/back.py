@@ -107,7 +107,14 @@ class BackSync:
         self._pending: dict[str, _Pending] = {}  # deal id -> what to write
         self._commit = PageCommit(self.pipeline, STREAM, link_columns=BACK_LINK_COLUMNS)
 
-    def run(self) -> Counts:
+    def run(self, settled_before: datetime | None = None) -> Counts:
+        """Read the milestone changes since the cursor and write the progress they make.
+
+        `settled_before` (at least an overlap before now on the tool's clock): a pass beside
+        a long forward run (see `sync.runner`), reading only the changes made before then.
+        Nothing it reads needs reading again, so passes spread the reading (and the
+        write-back) over the run at no extra cost, and the run's last pass reads only the
+        overlap and what changed since."""
         if not self.field_map.spec.progress:
             return self.counts
         cursor, read_from = self.store.read_position(self.pipeline, STREAM)
@@ -117,7 +124,7 @@ class BackSync:
             lk.project_id for lk in self.store.iter_links(self.pipeline) if lk.project_id
         ]
         try:
-            for page in self.tool.read_milestone_changes(since, project_ids):
+            for page in self.tool.read_milestone_changes(since, project_ids, settled_before):
                 high = self._apply_page(page, high)
                 # Hold many vendor batches: a deal whose milestones arrive far apart
                 # in the change stream is then written once, not once per change.
@@ -125,14 +132,17 @@ class BackSync:
                     self._flush(high)
                 if self.on_page:
                     self.on_page()
-            # Projects whose next milestone fell overdue since we last looked: now at risk.
-            for link in self.store.links_due_before(self.pipeline, self._today.isoformat()):
-                self._recompute(self._current(link), set())
+            if settled_before is None:
+                # Projects whose next milestone fell overdue since we last looked: at risk.
+                for link in self.store.links_due_before(self.pipeline, self._today.isoformat()):
+                    self._recompute(self._current(link), set())
             self._flush(high)
         except ConnectorError as exc:
             raise StopRun(exc) from exc
-        if not self.dry_run and self.tool.read_clock is not None:
-            self.store.advance_read_from(self.pipeline, STREAM, self.tool.read_clock)
+        # The next read begins an overlap before this: for a settled pass, where it stopped.
+        clock = self.tool.read_clock if settled_before is None else settled_before + self.overlap
+        if not self.dry_run and clock is not None:
+            self.store.advance_read_from(self.pipeline, STREAM, clock)
         return self.counts
 
     def retry(self, deal_ids: list[str]) -> Counts:

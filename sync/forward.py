@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -183,6 +184,9 @@ class ForwardSync:
     # budget's spacing (Asana ~25 calls/s, 100-300 ms a call), so one at a time cannot use
     # the budget. The budget still paces every call; bookkeeping stays in page order.
     parallel_creates: int = 1
+    # When the page in hand began (time.monotonic()), None between pages: its projects may
+    # exist before their links are committed (read by the back flow's passes).
+    page_started: float | None = None
     _creates: list[_Create] | None = None  # the page's deferred creates (None: create now)
     _pool: ThreadPoolExecutor | None = None
     _claimed_now: set[str] = field(default_factory=set)  # claims this page took
@@ -272,6 +276,13 @@ class ForwardSync:
         return self.counts
 
     def _apply_page(self, page: list[Deal], high: Any) -> Any:
+        self.page_started = time.monotonic()
+        try:
+            return self._apply_page_in_hand(page, high)
+        finally:
+            self.page_started = None
+
+    def _apply_page_in_hand(self, page: list[Deal], high: Any) -> Any:
         ids = [d.id for d in page]
         marks = self.store.seen_marks(self.pipeline, self.stream, ids)
         links = self.store.links_for(self.pipeline, ids)

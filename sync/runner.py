@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -32,6 +32,8 @@ from sync.forward import Counts, ForwardSync, PlannedAction, StopRun
 log = structlog.get_logger("handoff.runner")
 
 EXIT_OK, EXIT_PARKED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
+# During a forward run, the back flow makes a settled pass this often (`_BackPasses`).
+BACK_PASS_SECONDS = 60.0
 
 
 class Interrupted(Exception):
@@ -197,6 +199,46 @@ class _Limited:
         self._cut = False
 
 
+class _BackPasses:
+    """Settled back-flow passes on a thread of their own while the forward flow runs.
+
+    A long forward run (a first sync, a catch-up) then brings progress back as it goes, and
+    the tool's change feed is read a minute at a time beside the creates instead of all at
+    the end, where it would wait on the tool's search limit with nothing else to do. A pass
+    reads only changes older than the overlap, and older than the page the forward flow has
+    in hand: a milestone of a project whose link is not yet committed would look foreign."""
+
+    def __init__(self, back: BackSync, forward: ForwardSync, every: float) -> None:
+        self.back, self.forward, self.every = back, forward, every
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="back-passes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            # The clock first: a page begun after it makes only changes after it.
+            now = self.back.tool.server_now()
+            started = self.forward.page_started
+            if now is None:
+                continue  # no answer from the tool yet
+            in_hand = timedelta(seconds=0 if started is None else time.monotonic() - started)
+            try:
+                self.back.run(settled_before=now - max(self.back.overlap, in_hand))
+            except BaseException as exc:  # the forward flow stops on it at its next page
+                self.error = exc
+                return
+
+    def check(self) -> None:
+        """Raise what ended the passes (a lost lease, an unreachable system, a stop)."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _plan_lookups(forward: ForwardSync, crm: CRM, tool: ProjectTool) -> None:
     """A real run that may find projects already made (a backfill, a first run) looks for
     each deal's stamped project before creating it. The plan makes the same read-only lookups
@@ -310,6 +352,15 @@ def run_pipeline(
 
         fmap = loaded.mappings[pipeline.name]
         overlap = parse_duration(pipeline.options.overlap)
+        do_forward = pipeline.direction in ("forward", "both")
+        do_back = pipeline.direction in ("back", "both") and kind != "backfill"
+        passes: _BackPasses | None = None
+
+        def between_pages() -> None:
+            heartbeat()
+            if passes is not None:
+                passes.check()
+
         forward = ForwardSync(
             pipeline=pipeline.name,
             crm=_Limited(crm, limit) if limit is not None else crm,
@@ -320,7 +371,7 @@ def run_pipeline(
             start_from=pipeline.options.start_from,
             dry_run=dry_run,
             on_progress=on_progress,
-            on_page=heartbeat,
+            on_page=between_pages,
             parallel_creates=pipeline.options.parallel_creates,
         )
         back = BackSync(
@@ -342,8 +393,6 @@ def run_pipeline(
             checkpoint = store.get_cursor(pipeline.name, forward.stream)
             if checkpoint is not None:
                 since = checkpoint.modified_at
-        do_forward = pipeline.direction in ("forward", "both")
-        do_back = pipeline.direction in ("back", "both") and kind != "backfill"
         try:
             if retry is None and not dry_run and kind == "sync":
                 # Transient failures parked earlier are retried once their backoff is due.
@@ -358,7 +407,15 @@ def run_pipeline(
                     back.retry(retry[BACK_STREAM])
             if kind != "dlq-retry":
                 if do_forward:
-                    forward.run(since=since, until=until)
+                    if do_back and not dry_run:
+                        passes = _BackPasses(back, forward, BACK_PASS_SECONDS)
+                    try:
+                        forward.run(since=since, until=until)
+                    finally:
+                        if passes is not None:
+                            passes.finish()
+                    if passes is not None:
+                        passes.check()
                     if dry_run and forward.adopt_first:
                         _plan_lookups(forward, crm, tool)
                 if do_back:

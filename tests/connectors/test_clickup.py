@@ -485,3 +485,29 @@ def test_rate_headers_hold_the_budget_until_the_reset() -> None:
     assert vendor.error_message(limited) == "Rate limit reached (APP_002)"
     skewed = httpx.Response(429, headers={"X-RateLimit-Reset": str(int(time.time()) + 3600)})
     assert vendor.retry_after(skewed) == 5.0
+
+
+def test_a_settled_read_stops_where_the_next_read_begins(env: Env, cu: ClickUpState) -> None:
+    """A settled read (a back-flow pass during a long forward run) reads only changes made
+    before its bound on ClickUp's clock; the next read, from that bound, reads the rest:
+    each change once, none skipped."""
+    list_id = cu.add_list(cu.folder_id, f"Settled {random.random()}")
+    cu.advance(3600)
+    start = datetime.fromtimestamp(cu.now_ms() / 1000, UTC)
+    old = [cu.add_task(list_id, f"O{i}", custom_item_id=MILESTONE_TYPE_ID) for i in range(130)]
+    cu.advance(600)  # ten minutes on: the tasks below are younger than the five settled
+    young = [cu.add_task(list_id, f"Y{i}", custom_item_id=MILESTONE_TYPE_ID) for i in range(3)]
+    cu.complete_task(old[0])  # an old task changed just now: its new version is young too
+    tool = connector(env)
+    assert tool.server_now() is None
+    tool.check()
+    now, clock = tool.server_now(), datetime.fromtimestamp(cu.now_ms() / 1000, UTC)
+    assert now is not None and clock - timedelta(seconds=2) <= now <= clock
+
+    bound = now - timedelta(minutes=5)
+    settled = [m for p in tool.read_milestone_changes(start, [list_id], bound) for m in p]
+    assert sorted(m.id for m in settled) == sorted(old[1:])
+
+    rest = read_all(tool, bound)
+    assert sorted(m.id for m in rest if m.project_id == list_id) == sorted([old[0], *young])
+    assert next(m for m in rest if m.id == old[0]).completed
