@@ -795,7 +795,17 @@ class AsanaState:
         # Lets search skip, without matching each snapshot, a task no version of which was
         # modified after a `modified_at.after` bound.
         task["_newest_modified"] = max(s["modified_at"] for _, s in task["_history"])
-        self._modified_order = None
+        # Kept in order as tasks change, not re-sorted: a search between two writes would
+        # otherwise sort every task in the domain while holding the lock every request needs.
+        key = (snap["modified_at"], task["gid"])
+        order, old = self._modified_order, task.get("_order_key")
+        if order is not None and key != old:
+            if old is not None:
+                i = bisect.bisect_left(order, old)
+                if i < len(order) and order[i] == old:
+                    del order[i]
+            bisect.insort(order, key)
+        task["_order_key"] = key
 
     def modified_order(self) -> list[tuple[datetime, str]]:
         """(modified_at of the latest version, gid) of every task, ascending."""

@@ -319,3 +319,35 @@ def test_hubspot_indexed_search_matches_full_path(
         with monkeypatch.context() as m:
             m.setattr(hs_mod, "_indexed_search", lambda *a, **k: None)
             assert _search(state, body) == got, body
+
+
+# ---- Asana: the search's modified-time order -------------------------------------------------
+
+
+def test_asana_modified_order_kept_through_writes_matches_a_fresh_sort() -> None:
+    """Asana's search walks `modified_order()`, kept in order as tasks change (between
+    searches, not re-sorted): after random creates, completions, re-openings and clock moves,
+    interleaved with reads of the order, it is exactly the sort of every task's newest
+    version."""
+    from sandbox.asana import AsanaState
+
+    rng = random.Random(23)
+    state = AsanaState(tokens={"t"}, premium=True)
+    state.seed(rng)
+    project = state.add_project("Order check", state.team_gid)
+    gids: list[str] = []
+    for step in range(600):
+        roll = rng.random()
+        if roll < 0.4 or not gids:
+            gids.append(state.add_task(project, f"T{step}", resource_subtype="milestone"))
+        elif roll < 0.8:
+            state.complete_task(rng.choice(gids), completed=rng.random() < 0.7)
+        else:
+            state.clock_offset += timedelta(milliseconds=rng.choice([0, 1, 250, 60_000]))
+        if rng.random() < 0.2:
+            state.modified_order()  # a search between writes: the order is kept from here
+    with state.lock:
+        fresh = sorted(
+            (t["_history"][-1][1]["modified_at"], t["gid"]) for t in state._all("task")
+        )
+    assert state.modified_order() == fresh
