@@ -223,11 +223,20 @@ class _BackPasses:
             if now is None:
                 continue  # no answer from the tool yet
             in_hand = timedelta(seconds=0 if started is None else time.monotonic() - started)
+            counts, began = self.back.counts, time.monotonic()
+            read, written = counts.read, counts.updated
             try:
                 self.back.run(settled_before=now - max(self.back.overlap, in_hand))
             except BaseException as exc:  # the forward flow stops on it at its next page
                 self.error = exc
                 return
+            log.info(
+                "back.settled_pass",
+                pipeline=self.back.pipeline,
+                milestones_read=counts.read - read,
+                progress_written=counts.updated - written,
+                seconds=round(time.monotonic() - began, 2),
+            )
 
     def check(self) -> None:
         """Raise what ended the passes (a lost lease, an unreachable system, a stop)."""

@@ -106,6 +106,28 @@ def test_server_clock_is_the_date_header_less_its_truncated_second():
     assert server_clock("yesterday-ish") is None
 
 
+def test_server_now_runs_on_from_the_newest_date_any_answer_carried(monkeypatch):
+    from datetime import UTC, datetime, timedelta
+
+    from connectors import http
+
+    mono = [1000.0]
+    monkeypatch.setattr(http.time, "monotonic", lambda: mono[0])
+    dates = ["Mon, 23 Nov 2026 14:00:05 GMT", "Mon, 23 Nov 2026 13:59:00 GMT", None]
+    client, _ = api(lambda r: httpx.Response(200, json={}, headers={"Date": dates.pop(0) or ""}))
+    assert client.server_now() is None  # no answer yet
+
+    client.request("GET", "/a", route="a")
+    assert client.server_now() == datetime(2026, 11, 23, 14, 0, 4, tzinfo=UTC)
+    mono[0] += 30
+    # A slow answer's older Date, and an answer without one, do not move the estimate back.
+    client.request("GET", "/b", route="b")
+    client.request("GET", "/c", route="c")
+    assert client.server_now() == datetime(2026, 11, 23, 14, 0, 4, tzinfo=UTC) + timedelta(
+        seconds=30
+    )
+
+
 def test_a_vendors_retry_after_holds_the_budget_no_longer_than_the_policys_cap():
     import time
 
