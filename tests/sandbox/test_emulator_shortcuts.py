@@ -347,7 +347,5 @@ def test_asana_modified_order_kept_through_writes_matches_a_fresh_sort() -> None
         if rng.random() < 0.2:
             state.modified_order()  # a search between writes: the order is kept from here
     with state.lock:
-        fresh = sorted(
-            (t["_history"][-1][1]["modified_at"], t["gid"]) for t in state._all("task")
-        )
+        fresh = sorted((t["_history"][-1][1]["modified_at"], t["gid"]) for t in state._all("task"))
     assert state.modified_order() == fresh
