@@ -490,10 +490,9 @@ class AsanaProjects(ProjectTool):
         wanted = set(project_ids)
         if not wanted:
             return
-        until = settled_before
         if self.settings.milestone_search and self._search_works is not False:
             try:
-                yield from self._search_milestones(since, wanted, until)
+                yield from self._search_milestones(since, wanted, settled_before)
                 self._search_works = True
                 return
             except ConnectorError as exc:
@@ -501,7 +500,7 @@ class AsanaProjects(ProjectTool):
                     raise
                 # Search needs a paid workspace: read each linked project instead.
                 self._search_works = False
-        if until is None:
+        if settled_before is None:
             yield from self._project_milestones(since, sorted(wanted))
 
     def _search_milestones(

@@ -1090,9 +1090,9 @@ class ClickUpProjects(ProjectTool):
             ("order_by", "updated"),
             ("reverse", "true"),
         ]
-        until = settled_before
-        if until is not None:
-            base.append(("date_updated_lt", math.ceil(until.timestamp() * 1000)))
+        if settled_before is not None:
+            # Whole milliseconds below ceil(bound) are all before the bound.
+            base.append(("date_updated_lt", math.ceil(settled_before.timestamp() * 1000)))
         gt: int | None = None if since is None else math.floor(since.timestamp() * 1000) - 1
         page = 0
         seen: set[str] = set()
@@ -1109,8 +1109,6 @@ class ClickUpProjects(ProjectTool):
             )
             self._note_read_clock(self.api.server_clock())
             fresh = [self._milestone(t) for t in tasks if str(t["id"]) not in seen]
-            if until is not None:
-                fresh = [m for m in fresh if m.modified_at < until]
             if fresh:
                 yield fresh
             if len(tasks) < PAGE:

@@ -305,8 +305,9 @@ class JsonApi:
     calls: Counter
     # Per thread: a change read on one thread must not see the clock of a create on another.
     _dates: threading.local = field(default_factory=threading.local, repr=False)
-    # The newest `Date` any thread received, and the monotonic time it arrived.
-    _newest_date: tuple[datetime, float] | None = field(default=None, repr=False)
+    # The newest `Date` any thread received (its text, its clock, the monotonic time it
+    # arrived): parsed once per new text, i.e. at most once a second, not per response.
+    _newest_date: tuple[str, datetime, float] | None = field(default=None, repr=False)
 
     def server_clock(self) -> datetime | None:
         """`server_clock` of the last response this thread received."""
@@ -319,17 +320,19 @@ class JsonApi:
         newest = self._newest_date
         if newest is None:
             return None
-        return newest[0] + timedelta(seconds=time.monotonic() - newest[1])
+        return newest[1] + timedelta(seconds=time.monotonic() - newest[2])
 
     def _saw_date(self, header: str | None) -> None:
         self._dates.value = header
+        newest = self._newest_date
+        if not header or (newest is not None and header == newest[0]):
+            return  # the first arrival of this Date already gives the (earlier) estimate
         clock = server_clock(header)
         if clock is not None:
             arrived = time.monotonic()
-            newest = self._newest_date
             # The estimate each implies for now: keep the later (a slow response's Date is old).
-            if newest is None or clock - newest[0] > timedelta(seconds=arrived - newest[1]):
-                self._newest_date = (clock, arrived)
+            if newest is None or clock - newest[1] > timedelta(seconds=arrived - newest[2]):
+                self._newest_date = (header, clock, arrived)
 
     def request(
         self,

@@ -192,13 +192,12 @@ class MemoryProjects(ProjectTool):
         project_ids: Sequence[str],
         settled_before: datetime | None = None,
     ) -> Iterator[list[Milestone]]:
-        until = settled_before
         chosen = sorted(
             (
                 m
-                for m in list(self.milestones.values())
+                for m in list(self.milestones.values())  # a snapshot: creates run meanwhile
                 if (since is None or m.modified_at >= since)
-                and (until is None or m.modified_at < until)
+                and (settled_before is None or m.modified_at < settled_before)
             ),
             key=lambda m: (m.modified_at, m.id),
         )

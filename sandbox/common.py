@@ -317,6 +317,10 @@ class EmulatorMiddleware:
                         c.stats.throttled += 1
                         c.stats.by_route[route] -= 1
                         c.stats.by_route[f"429 {route}"] += 1
+                        if is_write:
+                            c.stats.writes -= 1
+                        else:
+                            c.stats.reads -= 1
                 raw = list(message.get("headers", []))
                 raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
                 message = {**message, "headers": raw}

@@ -151,6 +151,7 @@ def test_the_emulator_counts_a_refused_sixth_job_as_throttled(env: Any) -> None:
     assert controls.stats.throttled == 1
     assert controls.stats.by_route[INSTANTIATE] == 5
     assert controls.stats.by_route[f"429 {INSTANTIATE}"] == 1
+    assert controls.stats.writes == 5  # the refusal is a 429, not a write
 
 
 def _read(asana: AsanaProjects, since: Any, projects: list[str], **kw: Any) -> list:

@@ -113,7 +113,12 @@ def test_server_now_runs_on_from_the_newest_date_any_answer_carried(monkeypatch)
 
     mono = [1000.0]
     monkeypatch.setattr(http.time, "monotonic", lambda: mono[0])
-    dates = ["Mon, 23 Nov 2026 14:00:05 GMT", "Mon, 23 Nov 2026 13:59:00 GMT", None]
+    dates = [
+        "Mon, 23 Nov 2026 14:00:05 GMT",
+        "Mon, 23 Nov 2026 13:59:00 GMT",
+        None,
+        "Mon, 23 Nov 2026 14:00:05 GMT",
+    ]
     client, _ = api(lambda r: httpx.Response(200, json={}, headers={"Date": dates.pop(0) or ""}))
     assert client.server_now() is None  # no answer yet
 
@@ -123,6 +128,8 @@ def test_server_now_runs_on_from_the_newest_date_any_answer_carried(monkeypatch)
     # A slow answer's older Date, and an answer without one, do not move the estimate back.
     client.request("GET", "/b", route="b")
     client.request("GET", "/c", route="c")
+    # The same Date again (a cached text) keeps its first arrival: the earlier estimate.
+    client.request("GET", "/d", route="d")
     assert client.server_now() == datetime(2026, 11, 23, 14, 0, 4, tzinfo=UTC) + timedelta(
         seconds=30
     )
